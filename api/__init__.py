@@ -1,0 +1,1 @@
+"""The HTTP side: OpenAI-compatible routes over the Redis job queue. No torch here."""

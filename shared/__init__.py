@@ -1,0 +1,1 @@
+"""Code that both the API and the worker use: settings, Redis keys, the job model."""

@@ -1,0 +1,227 @@
+"""The job model and every Redis operation on jobs, for both sides.
+
+Lifecycle: queued → running → succeeded | failed | cancelled | expired.
+A job is a hash (spec, status, owner, attempts, worker, timings, result) plus a
+log (list of events, index = seq) and a pub/sub channel for live events. The
+stream entry that delivers it to a worker carries only its id.
+
+Writes that must not race are Lua scripts: a worker's emit is fenced by the
+job's ``worker`` and ``attempts`` fields, so a worker whose job was taken over
+(or cancelled) can no longer write to it, and a log never holds a duplicate.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from enum import StrEnum
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.events import Event, error_payload
+from shared.keys import GROUP, PRIORITIES, Keys
+
+# What "Redis is unreachable" looks like, from redis-py or the socket under it.
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    expired = "expired"
+
+
+TERMINAL = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled, JobStatus.expired}
+Priority = Literal["high", "normal", "low"]
+
+
+class Sampling(BaseModel):
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class JobSpec(BaseModel):
+    """What the API enqueues and a worker runs."""
+
+    id: str = Field(default_factory=lambda: new_job_id())
+    model: str
+    kind: Literal["chat", "completion"]
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | list[int] | None = None
+    sampling: Sampling = Field(default_factory=Sampling)
+    owner: str = ""  # hash of the API key that made it; "" when auth is off
+    priority: Priority = "normal"
+    deadline: float | None = None  # epoch seconds; still queued past it → expired
+    created_at: float = Field(default_factory=time.time)
+    webhook: dict[str, Any] | None = None
+
+
+def new_job_id() -> str:
+    return "job-" + secrets.token_urlsafe(18)  # 144 random bits: unguessable
+
+
+# ─── Lua scripts ────────────────────────────────────────────────────────────
+# KEYS[1] job hash, KEYS[2] log. ARGV[1] worker, ARGV[2] now, ARGV[3] max attempts.
+# Returns {attempt, status, log length}; attempt 0 = do not run (status says why).
+_START = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {0, 'missing', 0} end
+if st ~= 'queued' and st ~= 'running' then return {0, st, 0} end
+local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if n > tonumber(ARGV[3]) then return {0, 'exhausted', n} end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
+return {n, 'running', redis.call('LLEN', KEYS[2])}
+"""
+
+# KEYS[1] job, KEYS[2] log. ARGV[1] worker, ARGV[2] attempt, ARGV[3] channel,
+# ARGV[4] first seq, ARGV[5] now, ARGV[6..] encoded events.
+# 1 = written; 0 = fenced off (job taken over, cancelled or gone).
+_EMIT = """
+local h = redis.call('HMGET', KEYS[1], 'worker', 'attempts', 'status')
+if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or h[3] ~= 'running' then return 0 end
+if redis.call('LLEN', KEYS[2]) ~= tonumber(ARGV[4]) then return 0 end
+if tonumber(ARGV[4]) == 0 then redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[5]) end
+for i = 6, #ARGV do
+  redis.call('RPUSH', KEYS[2], ARGV[i])
+  redis.call('PUBLISH', ARGV[3], ARGV[i])
+end
+return 1
+"""
+
+# KEYS[1] job, KEYS[2] log. ARGV[1] worker ('' = anyone: API cancel, dead letter),
+# ARGV[2] attempt, ARGV[3] channel, ARGV[4] ttl, ARGV[5] status, ARGV[6] now,
+# ARGV[7] json of hash fields to set, ARGV[8] final event json without seq.
+# Appends the terminal event with the next seq, sets the status, starts the TTL.
+_FINISH = """
+local h = redis.call('HMGET', KEYS[1], 'worker', 'attempts', 'status')
+if not h[3] then return 0 end
+if h[3] ~= 'queued' and h[3] ~= 'running' then return 0 end
+if ARGV[1] ~= '' and (h[1] ~= ARGV[1] or h[2] ~= ARGV[2]) then return 0 end
+local ev = cjson.decode(ARGV[8])
+ev['seq'] = redis.call('LLEN', KEYS[2])
+local raw = cjson.encode(ev)
+redis.call('RPUSH', KEYS[2], raw)
+redis.call('PUBLISH', ARGV[3], raw)
+redis.call('HSET', KEYS[1], 'status', ARGV[5], 'finished_at', ARGV[6])
+for k, v in pairs(cjson.decode(ARGV[7])) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+
+class JobStore:
+    def __init__(self, redis: Redis, keys: Keys, result_ttl: int = 86_400):
+        self.redis = redis
+        self.keys = keys
+        self.result_ttl = result_ttl
+        self._start = redis.register_script(_START)
+        self._emit = redis.register_script(_EMIT)
+        self._finish = redis.register_script(_FINISH)
+
+    # ── API side ──
+    async def enqueue(self, spec: JobSpec) -> None:
+        """Write the job hash and add it to its model's stream, atomically."""
+        fields = {
+            "id": spec.id,
+            "status": JobStatus.queued,
+            "spec": spec.model_dump_json(),
+            "model": spec.model,
+            "owner": spec.owner,
+            "attempts": 0,
+            "created_at": spec.created_at,
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.job(spec.id), mapping=fields)
+            pipe.xadd(self.keys.jobs(spec.model, spec.priority), {"id": spec.id})
+            pipe.sadd(self.keys.models, spec.model)
+            listing = self.keys.owner_jobs(spec.owner or "_")
+            pipe.zadd(listing, {spec.id: spec.created_at})
+            pipe.zremrangebyscore(listing, "-inf", spec.created_at - self.result_ttl)
+            await pipe.execute()
+
+    async def get(self, job_id: str) -> dict[str, str] | None:
+        raw = await self.redis.hgetall(self.keys.job(job_id))
+        return {k.decode(): v.decode() for k, v in raw.items()} if raw else None
+
+    async def read_log(self, job_id: str, start: int = 0) -> list[Event]:
+        raw = await self.redis.lrange(self.keys.log(job_id), start, -1)
+        return [Event.decode(r) for r in raw]
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job; the worker hears it and frees the slot."""
+        ok = await self.finish(job_id, JobStatus.cancelled, Event(0, finish_reason="cancelled"))
+        if ok:
+            await self.redis.publish(self.keys.cancel, job_id)
+        return ok
+
+    # ── worker side ──
+    async def start(self, job_id: str, worker: str, max_attempts: int) -> tuple[int, str, int]:
+        attempt, status, log_len = await self._start(
+            keys=[self.keys.job(job_id), self.keys.log(job_id)],
+            args=[worker, time.time(), max_attempts],
+        )
+        return int(attempt), status.decode() if isinstance(status, bytes) else status, int(log_len)
+
+    async def emit(self, pipe: Any, job_id: str, worker: str, attempt: int, events: list[Event]) -> None:
+        """Queue a fenced append of ``events`` on ``pipe`` (one engine step, pipelined)."""
+        await self._emit(
+            keys=[self.keys.job(job_id), self.keys.log(job_id)],
+            args=[worker, attempt, self.keys.events(job_id), events[0].seq, time.time(),
+                  *(e.encode() for e in events)],
+            client=pipe,
+        )
+
+    async def finish(self, job_id: str, status: JobStatus, event: Event,
+                     fields: dict[str, Any] | None = None, worker: str = "", attempt: int = 0,
+                     client: Any = None) -> bool:
+        """Append the terminal event (seq assigned here) and end the job."""
+        extra = dict(fields or {})
+        if event.usage:
+            extra["usage"] = orjson.dumps(event.usage).decode()
+        if event.error:
+            extra["error"] = orjson.dumps(event.error).decode()
+        if event.finish_reason:
+            extra["finish_reason"] = event.finish_reason
+        final = orjson.loads(event.encode())
+        final.pop("seq", None)
+        result = await self._finish(
+            keys=[self.keys.job(job_id), self.keys.log(job_id)],
+            args=[worker, attempt, self.keys.events(job_id), self.result_ttl, str(status),
+                  time.time(), orjson.dumps(extra), orjson.dumps(final or {"finish_reason": "stop"})],
+            client=client,
+        )
+        return bool(result)
+
+    async def fail(self, job_id: str, message: str, *, type_: str = "server_error",
+                   code: str | None = None, param: str | None = None, status_code: int = 500,
+                   status: JobStatus = JobStatus.failed, worker: str = "", attempt: int = 0) -> bool:
+        error = error_payload(message, type_, code, param, status_code)
+        return await self.finish(job_id, status, Event(0, finish_reason="error", error=error),
+                                 worker=worker, attempt=attempt)
+
+
+async def ensure_group(redis: Redis, stream: str) -> None:
+    """Create the consumer group (and the stream) if missing; idempotent."""
+    try:
+        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except Exception as exc:  # BUSYGROUP: it exists
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def lanes(keys: Keys, model: str) -> list[str]:
+    """The streams of a model, highest priority first."""
+    return [keys.jobs(model, p) for p in PRIORITIES]
