@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from api.protocol import APIError, ChatCompletionRequest, CompletionRequest, JobOptions, Limits
 from api.relay import EventHub, RedisUnavailable, Subscription
@@ -61,13 +62,16 @@ class Serving:
         depth = pending = 0
         for stream in lanes(self.keys, model):
             try:
-                groups = await self.redis.xinfo_groups(stream)
-            except Exception:  # no such stream yet
+                groups = {g["name"].decode(): g for g in await self.redis.xinfo_groups(stream)}
+            except ResponseError:  # no stream yet
                 continue
-            for g in groups:
-                if g["name"].decode() == GROUP:
-                    depth += int(g.get("lag") or 0)
-                    pending += int(g["pending"])
+            group = groups.get(GROUP)
+            if group is None:  # no worker has ever read it: everything is waiting
+                depth += await self.redis.xlen(stream)
+                continue
+            lag = group.get("lag")
+            pending += int(group["pending"])
+            depth += int(lag) if lag is not None else max(0, await self.redis.xlen(stream) - int(group["pending"]))
         return {"depth": depth, "pending": pending}
 
     # ── admission ────────────────────────────────────────────────────────────

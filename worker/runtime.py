@@ -137,6 +137,7 @@ class Worker:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(job.stream, {"id": job.job_id})
             pipe.xack(job.stream, GROUP, job.entry)
+            pipe.xdel(job.stream, job.entry)
             pipe.hincrby(self.keys.job(job.job_id), "attempts", -1)
             await pipe.execute()
         log.info("handed back %s", job.job_id)
@@ -238,8 +239,14 @@ class Worker:
             task.add_done_callback(self._background.discard)
 
     async def _ack(self, job: Active) -> None:
+        """Ack and delete the entry: the stream holds only work not yet done."""
+
+        async def ack() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                await pipe.xack(job.stream, GROUP, job.entry).xdel(job.stream, job.entry).execute()
+
         with contextlib.suppress(*REDIS_DOWN):
-            await self._with_redis(lambda: self.redis.xack(job.stream, GROUP, job.entry), attempts=20)
+            await self._with_redis(ack, attempts=20)
 
     async def _run(self, job: Active) -> str:
         attempt, status, log_len = await self.store.start(job.job_id, self.name, self.settings.max_attempts)
