@@ -126,7 +126,10 @@ async def list_jobs(serving: Serving, owner: str, status: str | None, limit: int
                     cursor: str | None) -> dict[str, Any]:
     """The caller's jobs, newest first; `cursor` is the `next_cursor` of the previous page."""
     key = serving.keys.owner_jobs(owner or "_")
-    top = f"({cursor}" if cursor else "+inf"
+    try:
+        top = f"({float(cursor)!r}" if cursor else "+inf"
+    except ValueError:
+        raise APIError(400, "cursor: not a cursor from a previous page", param="cursor") from None
     out: list[dict[str, Any]] = []
     next_cursor: str | None = None
     while len(out) < limit:

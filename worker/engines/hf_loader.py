@@ -152,7 +152,7 @@ def _convert(gguf: Path, out: Path) -> None:
     try:
         from transformers import GgufConfig
     except ImportError:  # older transformers dequantize GGUF files unconditionally
-        GgufConfig = None  # noqa: N806
+        GgufConfig = None
 
     kwargs: dict = {"gguf_file": gguf.name, "dtype": torch.float32}
     if GgufConfig is not None:
