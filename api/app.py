@@ -134,7 +134,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
     async def cancel_job(job_id: str, serving: ServingDep, owner: Owner) -> dict[str, Any]:
         job = await jobs.get_owned(serving, job_id, owner)
         if job["status"] not in TERMINAL:
-            await serving.store.cancel(job_id)
+            await serving.cancel(job)
         job = await jobs.get_owned(serving, job_id, owner)
         return jobs.job_view(job, await serving.store.read_log(job_id))
 

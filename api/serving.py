@@ -16,7 +16,7 @@ from redis.exceptions import ResponseError
 from api.protocol import APIError, ChatCompletionRequest, CompletionRequest, JobOptions, Limits
 from api.relay import EventHub, RedisUnavailable, Subscription
 from api.sse import DONE, sse
-from shared import metrics
+from shared import metrics, webhooks
 from shared.events import Event
 from shared.jobs import REDIS_DOWN, TERMINAL, JobSpec, JobStatus, JobStore, lanes
 from shared.keys import GROUP, Keys
@@ -159,7 +159,12 @@ class Serving:
         with contextlib.suppress(*REDIS_DOWN):
             job = await self.store.get(job_id)
             if job and job["status"] not in TERMINAL:
-                await self.store.cancel(job_id)
+                await self.cancel(job)
+
+    async def cancel(self, job: dict[str, str]) -> None:
+        if await self.store.cancel(job["id"]):
+            await webhooks.notify(self.redis, self.settings, JobSpec.model_validate_json(job["spec"]),
+                                  JobStatus.cancelled)
 
 
 class _Latency:

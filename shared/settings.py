@@ -43,6 +43,15 @@ class Settings(BaseSettings):
     shutdown_grace: float = 10.0
     worker_metrics_port: int = 9100  # 0 = off
 
+    priority_aging: float = 30.0  # seconds a queued job waits before its lane is read first
+    run_arq: bool = True  # run the arq worker (webhooks, housekeeping) beside the engine loop
+
+    # Webhooks
+    webhook_secret: str = ""  # HMAC-SHA256 key for the X-Webhook-Signature header
+    webhook_max_tries: int = 6
+    webhook_backoff: float = 1.0  # seconds; doubles each try
+    webhook_timeout: float = 10.0
+
     # API
     api_host: str = "0.0.0.0"
     api_port: int = 8000

@@ -35,8 +35,8 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 MODEL = "smollm2-135m-instruct"
 POISON = "poison-prompt-for-the-synthetic-engine"
 WORKERS = 2
-# Grafana variables, as the dashboard's defaults resolve them.
-VARIABLES = {"$__rate_interval": "30s", "$model": ".*"}
+# Grafana variables: all models; a rate window that spans the whole test.
+VARIABLES = {"$__rate_interval": "1m", "$model": ".*"}
 
 
 def _prometheus_binary() -> str:
@@ -177,13 +177,12 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
             return any(m["id"] == MODEL and m.get("workers", WORKERS) >= WORKERS for m in models)
 
         _wait("the api and both workers", models_served, 60, procs.logs)
-        for port in worker_ports:
-            _wait(
-                f"worker metrics on :{port}",
-                lambda port=port: httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).is_success,
-                30,
-                procs.logs,
-            )
+
+        def worker_metrics_served() -> bool:
+            urls = [f"http://127.0.0.1:{port}/metrics" for port in worker_ports]
+            return all(httpx.get(url, trust_env=False).is_success for url in urls)
+
+        _wait("the workers' metrics endpoints", worker_metrics_served, 30, procs.logs)
 
         config = tmp_path / "prometheus.yml"
         local_targets = [f"127.0.0.1:{p}" for p in worker_ports]
@@ -266,7 +265,7 @@ def test_every_dashboard_query_returns_data(stack: dict[str, Any]) -> None:
     queries = dashboard_queries()
     assert queries
     missing: dict[str, str] = {}
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 20
     while True:
         missing = {}
         for title, expr in queries:

@@ -24,7 +24,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from shared import metrics
+from shared import metrics, webhooks
 from shared.events import Event
 from shared.jobs import REDIS_DOWN, JobSpec, JobStatus, JobStore, ensure_group, lanes
 from shared.keys import GROUP, Keys
@@ -45,6 +45,7 @@ class Active:
     entry: str
     task: asyncio.Task[None] | None = None
     attempt: int = 0
+    spec: JobSpec | None = None
     why_stopped: str = ""  # "cancel" | "handback" | "fenced"
 
 
@@ -75,7 +76,6 @@ class Worker:
         self._flush_wanted = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
-        self._reads = 0
         self.counts = {"succeeded": 0, "failed": 0, "cancelled": 0, "expired": 0, "retried": 0, "dead_lettered": 0}
         self._m_batch = metrics.WORKER_BATCH_SIZE.labels(self.model)
         self._m_tokens = metrics.WORKER_GENERATED_TOKENS.labels(self.model)
@@ -93,8 +93,13 @@ class Worker:
                  self.model, self.engine.max_batch_size)
         loops = [self._read_loop(), self._publish_loop(), self._heartbeat_loop(), self._cancel_loop()]
         tasks = [asyncio.create_task(c) for c in loops]
+        arq = webhooks.arq_worker(self.settings, self.redis) if self.settings.run_arq else None
+        if arq is not None:
+            tasks.append(asyncio.create_task(arq.async_run()))
         await self.stopping.wait()
         await self._shutdown(tasks[0])
+        if arq is not None:
+            await arq.close()
         for t in tasks[1:]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -180,14 +185,25 @@ class Worker:
             for stream, entry, job_id in entries:
                 self._launch(stream, entry, job_id)
 
-    def _lane_order(self) -> list[str]:
-        """Highest lane first; every 8th read lowest first, so a low lane is never starved."""
-        self._reads += 1
-        return self.lanes[::-1] if self._reads % 8 == 0 else self.lanes
+    async def _lane_order(self) -> list[str]:
+        """Highest lane first; but a lower lane whose next job has waited past PRIORITY_AGING goes
+        first, so a low lane is never starved. Stream ids are ms timestamps: no extra state."""
+        aging = self.settings.priority_aging
+        if aging <= 0:
+            return self.lanes
+        cutoff = int((time.time() - aging) * 1000)
+        aged = [lane for lane in self.lanes[1:] if (await self._next_waiting_ms(lane) or cutoff) < cutoff]
+        return [*aged[::-1], *(lane for lane in self.lanes if lane not in aged)]
+
+    async def _next_waiting_ms(self, stream: str) -> int | None:
+        groups = await self.redis.xinfo_groups(stream)
+        delivered = next((g["last-delivered-id"] for g in groups if g["name"] == GROUP.encode()), b"0-0")
+        head = await self.redis.xrange(stream, min=b"(" + delivered, count=1)
+        return int(head[0][0].split(b"-")[0]) if head else None
 
     async def _read_entries(self, count: int) -> list[tuple[str, str, str]]:
         found: list[tuple[str, str, str]] = []
-        for stream in self._lane_order():
+        for stream in await self._lane_order():
             if len(found) >= count:
                 break
             reply = await self.redis.xreadgroup(GROUP, self.name, {stream: ">"}, count=count - len(found))
@@ -259,12 +275,15 @@ class Worker:
         raw = await self.store.get(job.job_id)
         if raw is None:
             return "skipped"
-        spec = JobSpec.model_validate_json(raw["spec"])
+        spec = job.spec = JobSpec.model_validate_json(raw["spec"])
         if spec.deadline and time.time() > spec.deadline and log_len == 0:
-            await self.store.fail(job.job_id, "The job's deadline passed while it was queued.",
-                                  type_="timeout_error", code="job_expired", status_code=408,
-                                  status=JobStatus.expired, worker=self.name, attempt=attempt)
+            if await self.store.fail(job.job_id, "The job's deadline passed while it was queued.",
+                                     type_="timeout_error", code="job_expired", status_code=408,
+                                     status=JobStatus.expired, worker=self.name, attempt=attempt):
+                await webhooks.notify(self.redis, self.settings, spec, JobStatus.expired)
             return "expired"
+        if attempt == 1:
+            await webhooks.notify(self.redis, self.settings, spec, JobStatus.running)
         previous = await self.store.read_log(job.job_id) if log_len else []
         if attempt > 1:
             log.info("job %s: attempt %d resumes after %d events", job.job_id, attempt, log_len)
@@ -303,6 +322,8 @@ class Worker:
         self._push(_Pending(job, finish=(status, event), done=done))
         if not await done:
             raise Fenced()
+        assert job.spec is not None
+        await webhooks.notify(self.redis, self.settings, job.spec, status)
         return "succeeded" if status == JobStatus.succeeded else "failed"
 
     async def _dead_letter(self, job: Active, attempts: int) -> None:
@@ -310,8 +331,12 @@ class Worker:
         await self.redis.xadd(self.keys.dead(self.model), {
             "id": job.job_id, "stream": job.stream, "entry": job.entry, "attempts": attempts - 1,
             "worker": self.name, "at": time.time()})
-        await self.store.fail(job.job_id, f"The job failed on {attempts - 1} attempts and was dead-lettered.",
-                              code="max_attempts_exceeded")
+        if await self.store.fail(job.job_id, f"The job failed on {attempts - 1} attempts and was dead-lettered.",
+                                 code="max_attempts_exceeded"):
+            raw = await self.store.get(job.job_id)
+            if raw:
+                await webhooks.notify(self.redis, self.settings, JobSpec.model_validate_json(raw["spec"]),
+                                      JobStatus.failed)
 
     # ── publishing: one pipeline per engine step ─────────────────────────────
     def _push(self, item: _Pending) -> None:
