@@ -44,31 +44,43 @@ class Subscription:
 
     async def events(self, store: JobStore, after: int = -1) -> AsyncIterator[Event]:
         """Every event with seq > ``after``, in order, once each, through the terminal one."""
+        async for batch in self.batches(store, after):
+            for event in batch:
+                yield event
+
+    async def batches(self, store: JobStore, after: int = -1) -> AsyncIterator[list[Event]]:
+        """Like ``events``, but as lists of what is available at once: a slow reader gets fewer, bigger writes."""
         next_seq = after + 1
         pending: list[Event] = await self._from_log(store, next_seq)
         while True:
+            ready: list[Event] = []
             for event in pending:
+                if event.seq > next_seq:  # a gap: the log has what the channel lost
+                    break
                 if event.seq == next_seq:
-                    yield event
+                    ready.append(event)
                     next_seq += 1
                     if event.terminal:
+                        yield ready
                         return
-                elif event.seq > next_seq:  # a gap: the log has what the channel lost
-                    break
+            if ready:
+                yield ready
             pending = await self._next(store, next_seq)
 
     async def _next(self, store: JobStore, next_seq: int) -> list[Event]:
-        try:
-            async with asyncio.timeout(QUIET_POLL):
-                raw = await self.queue.get()
-        except TimeoutError:
-            return await self._from_log(store, next_seq)
-        batch = [raw]
+        if self.queue.empty():
+            try:
+                async with asyncio.timeout(QUIET_POLL):
+                    await self.arrived.wait()
+            except TimeoutError:
+                return await self._from_log(store, next_seq)
+        batch = []
         while not self.queue.empty():
             batch.append(self.queue.get_nowait())
+        self.arrived.clear()
         if None in batch:  # the channel broke: trust only the log
             return await self._from_log(store, next_seq)
-        events = [Event.decode(r) for r in batch if r is not None]
+        events = [Event.decode(line) for raw in batch if raw is not None for line in raw.split(b"\n")]
         if events and events[0].seq > next_seq:
             return await self._from_log(store, next_seq)
         return events

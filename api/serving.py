@@ -40,18 +40,25 @@ class Serving:
         self.hub = EventHub(redis, self.keys)
         self.limits = Limits(max_tokens_cap=settings.max_tokens_cap, default_max_tokens=settings.default_max_tokens)
         self.in_flight = 0
+        self._workers: list[dict[str, Any]] = []
+        self._workers_at = 0.0
 
     # ── models and workers ───────────────────────────────────────────────────
-    async def live_workers(self) -> list[dict[str, Any]]:
-        beats = await self.redis.hgetall(self.keys.workers)
+    async def live_workers(self, max_age: float = 0.0) -> list[dict[str, Any]]:
+        """Workers whose heartbeat is fresh; ``max_age`` > 0 allows a cached answer that old."""
         now = time.time()
+        if max_age and now - self._workers_at < max_age:
+            return self._workers
+        beats = await self.redis.hgetall(self.keys.workers)
         live = [orjson.loads(b) for b in beats.values()]
-        return [w for w in live if now - w["last_seen"] < self.settings.heartbeat_ttl]
+        self._workers = [w for w in live if now - w["last_seen"] < self.settings.heartbeat_ttl]
+        self._workers_at = now
+        return self._workers
 
     async def models(self) -> dict[str, dict[str, Any]]:
         """Models that live workers serve, plus the configured default (jobs for it may wait)."""
         found: dict[str, dict[str, Any]] = {self.settings.served_model_name: {"max_model_len": None, "workers": 0}}
-        for w in await self.live_workers():
+        for w in await self.live_workers(max_age=1.0):
             entry = found.setdefault(w["model"], {"max_model_len": None, "workers": 0})
             entry["workers"] += 1
             entry["max_model_len"] = w.get("max_model_len")
@@ -59,19 +66,23 @@ class Serving:
 
     async def queue_state(self, model: str) -> dict[str, int]:
         """Lag (not yet delivered) and pending (delivered, not acked) over the model's lanes."""
+        streams = lanes(self.keys, model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xinfo_groups(stream)
+                pipe.xlen(stream)
+            replies = await pipe.execute(raise_on_error=False)
         depth = pending = 0
-        for stream in lanes(self.keys, model):
-            try:
-                groups = {g["name"].decode(): g for g in await self.redis.xinfo_groups(stream)}
-            except ResponseError:  # no stream yet
+        for groups, length in zip(replies[::2], replies[1::2], strict=True):
+            if isinstance(groups, ResponseError):  # no stream yet
                 continue
-            group = groups.get(GROUP)
-            if group is None:  # no worker has ever read it: everything is waiting
-                depth += await self.redis.xlen(stream)
+            group = next((g for g in groups if g["name"].decode() == GROUP), None)
+            if group is None:  # no worker has read it yet: everything is waiting
+                depth += length
                 continue
-            lag = group.get("lag")
             pending += int(group["pending"])
-            depth += int(lag) if lag is not None else max(0, await self.redis.xlen(stream) - int(group["pending"]))
+            lag = group.get("lag")
+            depth += int(lag) if lag is not None else max(0, length - int(group["pending"]))
         return {"depth": depth, "pending": pending}
 
     # ── admission ────────────────────────────────────────────────────────────
@@ -121,40 +132,40 @@ class Serving:
         return sub
 
     # ── OpenAI completions ───────────────────────────────────────────────────
-    async def generate(self, body: GenerationRequest, owner: str, received: float) -> dict[str, Any] | Any:
-        """Non-stream: the whole response. Stream: (first events, iterator) for the SSE route."""
+    async def generate(self, body: GenerationRequest, owner: str, received: float) -> dict[str, Any] | _Stream:
+        """Non-stream: the whole response. Stream: a _Stream whose body the route sends as SSE."""
         spec = await self.admit(body, owner)
         sub = await self.submit(spec)
-        events = sub.events(self.store)
+        batches = sub.batches(self.store)
         watch = _Latency(spec.model, received)
         if not body.stream:
             try:
-                collected = [e async for e in watch.track(events)]
+                collected = [e async for batch in batches for e in watch.observe(batch)]
             finally:
-                await self._abandon(spec.id, sub, events)
-            final = collected[-1]
-            _raise_for(final)
+                await self._abandon(spec.id, sub, batches)
+            _raise_for(collected[-1])
             return _full_response(body, spec, collected)
-        first = await self._first_event(sub, events)
-        return _Stream(self, body, spec, sub, events, first, watch)
+        first = await self._first_batch(sub, batches)
+        return _Stream(self, body, spec, sub, batches, first, watch)
 
-    async def _first_event(self, sub: Subscription, events: AsyncIterator[Event]) -> Event | None:
+    async def _first_batch(self, sub: Subscription, batches: AsyncIterator[list[Event]]) -> list[Event]:
         """Wait briefly for the worker to accept the job, so a bad request still gets a 4xx status."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.stream_validation_wait):
                 await sub.arrived.wait()
         if not sub.arrived.is_set():
-            return None
-        first = await anext(events)
-        if first.error and first.error.get("status", 500) < 500 and first.seq == 0:
-            await self._abandon(sub.job_id, sub, events)
-            _raise_for(first)
+            return []
+        first = await anext(batches)
+        error = first[0].error
+        if error and error.get("status", 500) < 500 and first[0].seq == 0:
+            await self._abandon(sub.job_id, sub, batches)
+            _raise_for(first[0])
         return first
 
-    async def _abandon(self, job_id: str, sub: Subscription, events: AsyncIterator[Event]) -> None:
+    async def _abandon(self, job_id: str, sub: Subscription, batches: AsyncIterator[list[Event]]) -> None:
         """The reader is gone: stop listening, and cancel the job if it still runs."""
         with contextlib.suppress(Exception):
-            await events.aclose()  # type: ignore[attr-defined]
+            await batches.aclose()  # type: ignore[attr-defined]
         await sub.close()
         with contextlib.suppress(*REDIS_DOWN):
             job = await self.store.get(job_id)
@@ -174,9 +185,9 @@ class _Latency:
         self.model, self.received = model, received
         self.last: float | None = None
 
-    async def track(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        async for event in events:
-            now = time.perf_counter()
+    def observe(self, batch: list[Event]) -> list[Event]:
+        now = time.perf_counter()
+        for event in batch:
             if event.text or event.ids:
                 if self.last is None:
                     metrics.TIME_TO_FIRST_TOKEN.labels(self.model).observe(now - self.received)
@@ -185,19 +196,22 @@ class _Latency:
                 self.last = now
             if event.terminal and not event.error:
                 metrics.E2E_REQUEST_LATENCY.labels(self.model).observe(now - self.received)
-            yield event
+        return batch
 
 
 class _Stream:
-    """An accepted streaming request: its SSE body as OpenAI chunks."""
+    """An accepted streaming request: its SSE body as OpenAI chunks, one write per batch of events."""
 
     def __init__(self, serving: Serving, body: GenerationRequest, spec: JobSpec, sub: Subscription,
-                 events: AsyncIterator[Event], first: Event | None, watch: _Latency):
+                 batches: AsyncIterator[list[Event]], first: list[Event], watch: _Latency):
         self.serving, self.body, self.spec, self.sub = serving, body, spec, sub
-        self.events, self.first, self.watch = events, first, watch
+        self.batches, self.first, self.watch = batches, first, watch
         self.chat = isinstance(body, ChatCompletionRequest)
         self.object = "chat.completion.chunk" if self.chat else "text_completion"
         self.created = int(time.time())
+        # A token chunk is head + JSON string + tail: the hot path encodes only the text.
+        head, tail = self._chunk(self._choice("\0", None)).split(b'"\\u0000"')
+        self.head, self.tail = head, tail
 
     def _chunk(self, choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> bytes:
         payload: dict[str, Any] = {"id": self.spec.id, "object": self.object, "created": self.created,
@@ -214,35 +228,38 @@ class _Stream:
             delta["content"] = text
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
-    async def _all_events(self) -> AsyncIterator[Event]:
-        if self.first is not None:
+    async def _all_batches(self) -> AsyncIterator[list[Event]]:
+        if self.first:
             yield self.first
-            if self.first.terminal:
+            if self.first[-1].terminal:
                 return
-        async for event in self.events:
-            yield event
+        async for batch in self.batches:
+            yield batch
+
+    def _encode(self, event: Event) -> bytes:
+        if event.error:
+            return sse(orjson.dumps({"error": {k: v for k, v in event.error.items() if k != "status"}}))
+        if not event.terminal:
+            return self.head + orjson.dumps(event.text) + self.tail if event.text else b""
+        out = self._chunk(self._choice(event.text, _openai_reason(event.finish_reason)))
+        if self.body.include_usage:
+            out += self._chunk(None, event.usage)
+        return out
 
     async def body_iterator(self) -> AsyncIterator[bytes]:
         finished = False
         try:
             if self.chat:
                 yield self._chunk(self._choice(None, None, role=True))
-            async for event in self.watch.track(self._all_events()):
-                if event.error:
-                    yield sse(orjson.dumps({"error": {k: v for k, v in event.error.items() if k != "status"}}))
-                    break
-                reason = _openai_reason(event.finish_reason)
-                if event.text or reason:
-                    yield self._chunk(self._choice(event.text, reason))
-                if event.terminal:
-                    if self.body.include_usage:
-                        yield self._chunk(None, event.usage)
+            async for batch in self._all_batches():
+                yield b"".join(self._encode(e) for e in self.watch.observe(batch))
+                if batch[-1].terminal:
                     break
             finished = True
             yield DONE
         finally:
             if not finished:  # the client went away: free the batch slot at once
-                await asyncio.shield(self.serving._abandon(self.spec.id, self.sub, self.events))
+                await asyncio.shield(self.serving._abandon(self.spec.id, self.sub, self.batches))
             else:
                 await self.sub.close()
 

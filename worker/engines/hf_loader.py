@@ -147,17 +147,14 @@ def _file_lock(path: Path) -> Iterator[None]:
 def _convert(gguf: Path, out: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        from transformers import GgufConfig
-    except ImportError:  # older transformers dequantize GGUF files unconditionally
-        GgufConfig = None
-
     kwargs: dict = {"gguf_file": gguf.name, "dtype": torch.float32}
-    if GgufConfig is not None:
+    gguf_config = getattr(transformers, "GgufConfig", None)  # older versions always dequantize
+    if gguf_config is not None:
         # Plain dense weights, whatever GGUF kernels happen to be installed: they are saved as safetensors.
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        kwargs["quantization_config"] = gguf_config(dequantize=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **kwargs)
     quantizer = getattr(model, "hf_quantizer", None)
@@ -173,9 +170,9 @@ def _convert(gguf: Path, out: Path) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    from shared.settings import Settings
+    from shared.settings import get_settings
 
-    settings = Settings()
+    settings = get_settings()
     print(materialize(settings.model, settings.model_cache_dir))
 
 

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""What the queue and relay cost, separated from the model's cost, with the synthetic engine.
+
+1. latency  — TTFT and ITL of the synthetic engine called in-process, then the same
+               load through API + Redis + worker: the difference is the system's own cost.
+2. relay    — output tokens/s that ONE API process relays across many concurrent streams.
+3. scaling  — throughput with 1, 2 and 4 workers on one queue.
+
+    python scripts/bench_overhead.py [--only latency relay scaling] [--json out.json]
+
+Needs a Redis at REDIS_URL (default redis://127.0.0.1:6379/0); uses its own key prefix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.benchmark import BenchmarkConfig, latency_summary_ms, run_benchmark  # noqa: E402
+from scripts.stack import Stack  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+from worker.engines.base import GenerationRequest, SamplingParams  # noqa: E402
+from worker.engines.synthetic import SyntheticEngine  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+
+
+async def engine_alone(rate: float, concurrency: int, requests: int, output_len: int) -> dict[str, Any]:
+    """The synthetic engine's own TTFT and ITL, no queue, no relay."""
+    engine = SyntheticEngine(Settings(synthetic_tokens_per_second=rate, max_batch_size=concurrency))
+    ttfts: list[float] = []
+    itls: list[float] = []
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with slots:
+            request = GenerationRequest(f"r{i}", SamplingParams(max_tokens=output_len), prompt=f"prompt {i}")
+            start, last = time.perf_counter(), None
+            async for _ in engine.generate(request):
+                now = time.perf_counter()
+                if last is None:
+                    ttfts.append(now - start)
+                else:
+                    itls.append(now - last)
+                last = now
+
+    await asyncio.gather(*(one(i) for i in range(requests)))
+    return {"ttft_ms": latency_summary_ms(ttfts), "itl_ms": latency_summary_ms(itls)}
+
+
+def through_system(url: str, concurrency: int, requests: int, output_len: int) -> dict[str, Any]:
+    config = BenchmarkConfig(url=url, name="llm-serving", model=MODEL, concurrencies=[concurrency],
+                             num_requests=requests, prompt_len=16, output_len=output_len, warmup=2)
+    result = asyncio.run(run_benchmark(config))
+    metrics: dict[str, Any] = result["runs"][0]["metrics"]
+    return metrics
+
+
+def stack(workers: int, **env: str) -> Stack:
+    s = Stack(Settings().redis_url, f"bench{uuid.uuid4().hex[:6]}:", Path(tempfile.mkdtemp()), **env)
+    for i in range(workers):
+        s.worker(f"bw{i}")
+    return s
+
+
+def latency(args: argparse.Namespace) -> dict[str, Any]:
+    rate, conc, n, out = 100.0, 8, 64, 64
+    alone = asyncio.run(engine_alone(rate, conc, n, out))
+    s = stack(1, synthetic_tokens_per_second=str(rate), max_batch_size=str(conc))
+    try:
+        system = through_system(s.api(), conc, n, out)
+    finally:
+        s.stop()
+    added = {
+        "ttft_p50_ms": system["ttft_ms"]["p50"] - alone["ttft_ms"]["p50"],
+        "ttft_p99_ms": system["ttft_ms"]["p99"] - alone["ttft_ms"]["p99"],
+        "itl_p50_ms": system["itl_ms"]["p50"] - alone["itl_ms"]["p50"],
+        "itl_p99_ms": system["itl_ms"]["p99"] - alone["itl_ms"]["p99"],
+    }
+    print(f"\n## Latency added by queue + relay (synthetic {rate:.0f} tok/s per stream, {conc} streams, {n} requests)")
+    print("| | engine alone | through the system | added |\n|---|---|---|---|")
+    for metric in ("ttft", "itl"):
+        for p in ("p50", "p99"):
+            print(f"| {metric.upper()} {p} (ms) | {alone[f'{metric}_ms'][p]:.2f} | {system[f'{metric}_ms'][p]:.2f} "
+                  f"| {added[f'{metric}_{p}_ms']:+.2f} |")
+    return {"engine_alone": alone, "system": system, "added": added}
+
+
+def relay(args: argparse.Namespace) -> dict[str, Any]:
+    conc, out, workers = args.relay_streams, 256, args.relay_workers
+    s = stack(workers, synthetic_tokens_per_second="0", max_batch_size=str(conc // workers + 1),
+              max_concurrent_requests=str(conc * 2))
+    try:
+        system = through_system(s.api(), conc, conc * 2, out)
+    finally:
+        s.stop()
+    print(f"\n## Relay: one API process, {conc} concurrent streams, {workers} synthetic workers at full speed")
+    print(f"output tokens/s relayed: {system['output_throughput']:.0f}  (completed {system['completed']}, "
+          f"errors {system['errors']})")
+    return {"streams": conc, "workers": workers, "output_tokens_per_s": system["output_throughput"],
+            "errors": system["errors"]}
+
+
+def scaling(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[int, float] = {}
+    for workers in (1, 2, 4):
+        s = stack(workers, synthetic_tokens_per_second="25", max_batch_size="8")
+        try:
+            metrics = through_system(s.api(), 32, 96, 48)
+        finally:
+            s.stop()
+        results[workers] = metrics["output_throughput"]
+    print("\n## Scaling: synthetic workers (8 slots × 25 tok/s each), 32 concurrent streams")
+    print("| workers | output tok/s | vs 1 worker |\n|---|---|---|")
+    for workers, tps in results.items():
+        print(f"| {workers} | {tps:.0f} | {tps / results[1]:.2f}x |")
+    return {"output_tokens_per_s": results, "speedup_4": results[4] / results[1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=["latency", "relay", "scaling"],
+                        default=["latency", "relay", "scaling"])
+    parser.add_argument("--relay-streams", type=int, default=256)
+    parser.add_argument("--relay-workers", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    parts = {"latency": latency, "relay": relay, "scaling": scaling}
+    report = {name: parts[name](args) for name in args.only}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

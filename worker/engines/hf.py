@@ -1,0 +1,1069 @@
+"""The `transformers` engine: a Hugging Face causal LM with continuous batching.
+
+Design (see also ``scripts/bench_engine.py``):
+
+* One background thread owns the model. Each iteration it (1) drops aborted
+  requests, (2) admits waiting requests into free batch slots and prefills them
+  in ONE forward pass (prompts packed back to back, block-diagonal causal mask,
+  logits only at each prompt's last token), (3) runs ONE decode forward over all
+  running sequences (one token each), then samples, detokenizes and hands the
+  deltas to the asyncio side with a single ``call_soon_threadsafe`` per event
+  loop.
+* KV cache: per layer a pre-allocated ``[max_batch, kv_heads, capacity, head_dim]``
+  tensor; a running sequence owns one row ("slot") and its tokens sit at
+  positions ``0..len-1``. Rows are kept compact (0..n-1): when a sequence leaves,
+  the last row is moved into its hole, so a decode step works on ``cache[:n, :, :T]``
+  with a per-row length mask. Capacity grows by doubling up to the context size.
+* The model's own modules run unchanged; only attention is swapped for
+  :func:`_slot_attention` (registered with transformers' ``AttentionInterface``),
+  which writes the new keys/values into the slots and attends over them. The
+  model is called with ``use_cache=False``: it never sees a transformers cache.
+* CPU weights: by default (``DTYPE=auto``/``float16``) every ``nn.Linear``
+  (lm_head included) keeps its weight packed as float16 for fbgemm's
+  fp16-weight / fp32-activation GEMM, about twice as fast as float32 GEMMs at
+  decode batch sizes on an AVX2 CPU, with float32 accumulation (the default
+  model comes from a 4-bit GGUF, so fp16 storage loses nothing measurable).
+  Large prefill batches use the float32 weights, which MKL runs multi-threaded.
+  ``DTYPE=float32`` keeps plain float32; ``LOAD_IN_8BIT`` on CPU applies torch
+  dynamic int8 quantization to the Linear layers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import importlib.util
+import itertools
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.settings import Settings
+from worker.engines.base import Delta, Engine, EngineRequestError, FinishReason, GenerationRequest
+from worker.engines.hf_loader import materialize
+
+log = logging.getLogger(__name__)
+
+SLOT_ATTENTION = "llm_serving_slots"
+_GREEDY_TEMPERATURE = 1e-5
+_TOP_P_CANDIDATES = 1024  # nucleus sampling looks at this many top tokens before falling back to a full sort
+_PREFILL_TOKEN_BUDGET = 2048  # packed prompt tokens per prefill forward (a longer prompt goes alone)
+_DETOK_CONTEXT = 6  # prompt tokens kept as decoding context (leading-space handling of sentencepiece)
+_MAX_PENDING_TOKENS = 8  # tokens held back waiting for a multi-byte character to complete
+_DENSE_MIN_ROWS = 64  # packed linear layers use the float32 weight (MKL, multi-threaded) from this many rows
+
+
+# --------------------------------------------------------------------------------------------
+# Attention over the slot cache
+# --------------------------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+class _SlotCache:
+    """Per-layer key/value tensors ``[max_batch, kv_heads, capacity, head_dim]``, one row per sequence."""
+
+    def __init__(self, layers: int, max_batch: int, kv_heads: int, head_dim: int, max_len: int, dtype, device):
+        self.layers, self.max_batch, self.kv_heads, self.head_dim = layers, max_batch, kv_heads, head_dim
+        self.max_len, self.dtype, self.device = max_len, dtype, device
+        self.capacity = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.ensure(min(256, max_len))
+
+    def ensure(self, length: int) -> None:
+        if length <= self.capacity:
+            return
+        if length > self.max_len:
+            raise RuntimeError(f"sequence of {length} tokens exceeds the cache ({self.max_len})")
+        new = self.capacity or 256
+        while new < length:
+            new *= 2
+        new = min(self.max_len, -(-new // 64) * 64)
+        shape = (self.max_batch, self.kv_heads, new, self.head_dim)
+        ks, vs = [], []
+        for i in range(self.layers):
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if self.capacity:
+                k[:, :, : self.capacity].copy_(self.k[i])
+                v[:, :, : self.capacity].copy_(self.v[i])
+            ks.append(k)
+            vs.append(v)
+        self.k, self.v = ks, vs
+        self.capacity = new
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst, :, :length].copy_(k[src, :, :length])
+            v[dst, :, :length].copy_(v[src, :, :length])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class _Decode:
+    """One decode step: row i holds its new token at position ``pos[i]``; keys up to ``kv_len``."""
+
+    def __init__(self, cache: _SlotCache, pos: torch.Tensor, kv_len: int, dtype):
+        n = pos.shape[0]
+        self.cache, self.pos, self.kv_len = cache, pos, kv_len
+        self.rows = torch.arange(n, device=pos.device)
+        visible = torch.arange(kv_len, device=pos.device)[None, :] <= pos[:, None]
+        self.mask = torch.zeros(n, 1, 1, kv_len, dtype=dtype, device=pos.device)
+        self.mask.masked_fill_(~visible[:, None, None, :], float("-inf"))
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap) -> Any:
+        n, hq, _, d = q.shape
+        kvh = k.shape[1]
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        kc[self.rows, :, self.pos] = k[:, :, 0]
+        vc[self.rows, :, self.pos] = v[:, :, 0]
+        keys = kc[:n, :, : self.kv_len]
+        values = vc[:n, :, : self.kv_len]
+        # GQA without repeating keys: the query heads of one kv head form the "query length" dim.
+        qg = q.reshape(n, kvh, hq // kvh, d)
+        scores = torch.matmul(qg, keys.transpose(-1, -2))
+        scores.mul_(scale)
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores.add_(self.mask)
+        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values)  # n, kvh, g, d
+        return out.reshape(n, 1, hq, d)
+
+
+class _Prefill:
+    """Prompts packed into one row of ``total`` tokens; token j goes to slot ``rows[j]`` at ``pos[j]``."""
+
+    def __init__(self, cache: _SlotCache, rows: torch.Tensor, pos: torch.Tensor, lengths: list[int], flash: bool):
+        self.cache, self.rows, self.pos, self.lengths, self.flash = cache, rows, pos, lengths, flash
+        total = sum(lengths)
+        device = rows.device
+        self.mask: torch.Tensor | None = None
+        if len(lengths) > 1 and not flash:
+            owner = torch.arange(len(lengths), device=device)
+            seq = torch.repeat_interleave(owner, torch.tensor(lengths, device=device))
+            idx = torch.arange(total, device=device)
+            self.mask = ((seq[:, None] == seq[None, :]) & (idx[:, None] >= idx[None, :]))[None, None]
+        if flash:
+            cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+            cu[1:] = torch.cumsum(torch.tensor(lengths, device=device), 0)
+            self.cu_seqlens = cu
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap) -> Any:
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        kc[self.rows, :, self.pos] = k[0].transpose(0, 1)
+        vc[self.rows, :, self.pos] = v[0].transpose(0, 1)
+        if self.flash:
+            from flash_attn import flash_attn_varlen_func
+
+            longest = max(self.lengths)
+            out = flash_attn_varlen_func(
+                q[0].transpose(0, 1),
+                k[0].transpose(0, 1),
+                v[0].transpose(0, 1),
+                self.cu_seqlens,
+                self.cu_seqlens,
+                longest,
+                longest,
+                softmax_scale=scale,
+                causal=True,
+                softcap=softcap or 0.0,
+            )
+            return out.unsqueeze(0)
+        if softcap:
+            return _eager_attention(q, k, v, scale, softcap, self.mask)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=self.mask, is_causal=self.mask is None, scale=scale, enable_gqa=True
+        )
+        return out.transpose(1, 2)
+
+
+def _eager_attention(q, k, v, scale, softcap, mask):
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    t = q.shape[2]
+    if mask is None:
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), -1).to(v.dtype), v).transpose(1, 2)
+
+
+def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function: attend through the batch set up by the engine thread."""
+    batch = getattr(_local, "batch", None)
+    if batch is None:  # the model used outside the engine (e.g. a test calling it directly)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = batch.attend(module.layer_idx, query, key, value, scale, kwargs.get("softcap"))
+    return out.contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SLOT_ATTENTION, _slot_attention)
+
+
+# --------------------------------------------------------------------------------------------
+# CPU weights
+# --------------------------------------------------------------------------------------------
+
+
+class _Fp16PackedLinear(nn.Module):
+    """``nn.Linear`` with the weight packed as float16 for fbgemm (float32 in, float32 accumulate/out)."""
+
+    def __init__(self, linear: nn.Linear, keep_dense: bool):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float().contiguous()
+        self.packed = torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(weight)
+        b = linear.bias.detach().float() if linear.bias is not None else torch.zeros(self.out_features)
+        self.bias_ = b
+        self.has_bias = linear.bias is not None
+        self.dense = weight if keep_dense else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.dense is not None and x2.shape[0] >= _DENSE_MIN_ROWS:
+            out = F.linear(x2, self.dense, self.bias_ if self.has_bias else None)
+        else:
+            out = torch.ops.aten.fbgemm_linear_fp16_weight(x2.float(), self.packed, self.bias_)
+        return out.view(*shape[:-1], self.out_features)
+
+
+def _fbgemm_fp16_available() -> bool:
+    try:
+        w = torch.randn(8, 16)
+        packed = torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(w)
+        x = torch.ones(2, 16)
+        out = torch.ops.aten.fbgemm_linear_fp16_weight(x, packed, torch.zeros(8))
+        return bool(torch.allclose(out, x @ w.t(), rtol=1e-2, atol=1e-2))
+    except Exception:
+        return False
+
+
+def _pack_linears_fp16(model: nn.Module, keep_dense: bool) -> int:
+    import warnings
+
+    count = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "fbgemm_pack_gemm_matrix_fp16 is deprecated"
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, _Fp16PackedLinear(child, keep_dense))
+                    count += 1
+    return count
+
+
+# --------------------------------------------------------------------------------------------
+# Per-request state
+# --------------------------------------------------------------------------------------------
+
+
+class _Detokenizer:
+    """Incremental detokenization with stop strings, releasing text only at complete token groups.
+
+    A delta covers whole tokens and exactly their text, so a client holding the
+    deltas' token ids holds exactly their text: resuming after them neither
+    repeats nor loses a character. Tokens ending inside a multi-byte character
+    wait for the token that completes it; text that could be the start of a stop
+    string waits until it is known not to be one.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], context: list[int], stop: list[str]):
+        self.decode = decode
+        self.toks: list[int] = list(context[-_DETOK_CONTEXT:])
+        self.prefix = 0
+        self.read = len(self.toks)
+        self.n = 0  # generated tokens seen
+        self.text = ""  # committed text of the generated tokens
+        self.commits: collections.deque[tuple[int, int]] = collections.deque()  # (tokens, chars) boundaries
+        self.stop = [s for s in stop if s]
+        self.max_stop = max((len(s) for s in self.stop), default=0)
+        self.search_from = 0
+        self.sent_tokens = 0
+        self.sent_chars = 0
+
+    def add(self, token: int) -> int | None:
+        """Feed one token; return where a stop string starts in ``text`` if one just appeared."""
+        self.toks.append(token)
+        self.n += 1
+        prefix_text = self.decode(self.toks[self.prefix : self.read])
+        full = self.decode(self.toks[self.prefix :])
+        pending = len(self.toks) - self.read
+        if (len(full) > len(prefix_text) and not full.endswith("\ufffd")) or pending >= _MAX_PENDING_TOKENS:
+            self._commit(full[len(prefix_text) :])
+            if self.stop:
+                return self._find_stop()
+        return None
+
+    def skip(self, token: int) -> None:
+        """A token without text of its own (end of sequence): counted, decoded with the rest at flush."""
+        self.toks.append(token)
+        self.n += 1
+
+    def _commit(self, new: str) -> None:
+        self.text += new
+        self.prefix, self.read = self.read, len(self.toks)
+        if len(self.toks) > 64:  # keep the list short; offsets stay relative
+            drop = self.prefix
+            self.toks = self.toks[drop:]
+            self.prefix -= drop
+            self.read -= drop
+        self.commits.append((self.n, len(self.text)))
+
+    def _find_stop(self) -> int | None:
+        best = None
+        for s in self.stop:
+            i = self.text.find(s, self.search_from)
+            if i >= 0 and (best is None or i < best):
+                best = i
+        self.search_from = max(0, len(self.text) - self.max_stop + 1)
+        return best
+
+    def flush(self) -> None:
+        """End of generation: commit what is pending, dropping an incomplete trailing character."""
+        if self.read < len(self.toks):
+            prefix_text = self.decode(self.toks[self.prefix : self.read])
+            full = self.decode(self.toks[self.prefix :])
+            self._commit(full[len(prefix_text) :].rstrip("\ufffd"))
+
+    def mark_all_sent(self) -> None:
+        self.sent_tokens, self.sent_chars = self.n, len(self.text)
+        self.commits.clear()
+
+    def releasable(self) -> tuple[int, int]:
+        """(tokens, chars) that can be sent now: the last commit not inside a possible stop-string start."""
+        safe = len(self.text) - self._holdback()
+        best = (self.sent_tokens, self.sent_chars)
+        while self.commits and self.commits[0][1] <= safe:
+            best = self.commits.popleft()
+        return best
+
+    def _holdback(self) -> int:
+        if not self.stop:
+            return 0
+        text = self.text
+        longest = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:k]):
+                    longest = k
+                    break
+        return longest
+
+
+@dataclass(eq=False)
+class _Seq:
+    request_id: str
+    prompt_ids: list[int]
+    resume_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    generator: torch.Generator | None
+    detok: _Detokenizer
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    prompt_param: str
+    cancelled: bool = False
+    finished: bool = False
+    row: int = -1
+    cache_len: int = 0
+    last_token: int = 0
+    generated: int = 0  # including resume ids
+    history: list[int] = field(default_factory=list)  # generated ids, resume ids first
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= _GREEDY_TEMPERATURE
+
+
+class _EngineDead(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# The model thread
+# --------------------------------------------------------------------------------------------
+
+
+class _Runner:
+    def __init__(
+        self, model, device: torch.device, max_batch: int, max_len: int, eos_ids: set[int], decode, flash: bool
+    ):
+        self.model = model
+        self.device = device
+        self.max_batch = max_batch
+        self.max_len = max_len
+        self.eos_ids = eos_ids
+        self.decode = decode
+        self.flash = flash
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        cache_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        if cache_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            cache_dtype = torch.float32
+        self.dtype = cache_dtype
+        self.cache = _SlotCache(config.num_hidden_layers, max_batch, kv_heads, head_dim, max_len, cache_dtype, device)
+        self.cv = threading.Condition()
+        self.pending: collections.deque[_Seq] = collections.deque()
+        self.active: list[_Seq] = []
+        self.stopping = False
+        self.fatal: BaseException | None = None
+        self.rng = torch.Generator(device="cpu")
+        self.rng.manual_seed(random.SystemRandom().randrange(2**63))
+        self.steps = 0
+        self._out: dict[asyncio.AbstractEventLoop, list[tuple[_Seq, Any]]] = {}
+        self.thread = threading.Thread(target=self._main, name="hf-engine", daemon=True)
+
+    # --- called from the event loop ---------------------------------------------------------
+
+    def submit(self, seq: _Seq) -> None:
+        with self.cv:
+            if self.fatal is not None or self.stopping:
+                raise _EngineDead("the transformers engine is not running") from self.fatal
+            self.pending.append(seq)
+            self.cv.notify()
+
+    def cancel(self, seq: _Seq) -> None:
+        seq.cancelled = True
+        with self.cv:
+            self.cv.notify()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+
+    def load(self) -> int:
+        return len(self.active) + len(self.pending)
+
+    # --- the thread ---------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self.cv:
+                        while not self.stopping and not self.pending and not self.active:
+                            self.cv.wait()
+                        if self.stopping:
+                            break
+                        admitted = self._admit()
+                    try:
+                        self._drop_cancelled()
+                        if admitted:
+                            self._prefill(admitted)
+                        if self.active:
+                            self._decode_step()
+                    except Exception as exc:
+                        log.exception("transformers engine step failed; failing %d requests", len(self.active))
+                        self._fail(self.active, exc)
+                        self.active = []
+                    self._flush()
+        except BaseException as exc:
+            log.exception("transformers engine thread died")
+            self.fatal = exc
+        finally:
+            with self.cv:
+                self.stopping = True
+                leftover = list(self.pending) + self.active
+                self.pending.clear()
+                self.active = []
+            self._fail(leftover, _EngineDead("the transformers engine stopped"))
+            self._flush()
+
+    def _admit(self) -> list[_Seq]:
+        """Take waiting requests into free slots (called with the lock held)."""
+        admitted: list[_Seq] = []
+        free = self.max_batch - len([s for s in self.active if not s.cancelled])
+        tokens = 0
+        while self.pending and len(admitted) < free:
+            seq = self.pending[0]
+            if seq.cancelled:
+                self.pending.popleft()
+                self._emit_cancelled(seq)
+                continue
+            size = len(seq.prompt_ids) + len(seq.resume_ids)
+            if admitted and tokens + size > _PREFILL_TOKEN_BUDGET:
+                break
+            self.pending.popleft()
+            admitted.append(seq)
+            tokens += size
+        return admitted
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.active if s.cancelled]:
+            self._remove(seq)
+            self._emit_cancelled(seq)
+
+    def _remove(self, seq: _Seq) -> None:
+        last = self.active[-1]
+        if last is not seq:
+            self.cache.move_row(last.row, seq.row, last.cache_len)
+            last.row = seq.row
+            self.active[seq.row] = last
+        self.active.pop()
+        seq.row = -1
+
+    def _prefill(self, seqs: list[_Seq]) -> None:
+        lengths = []
+        rows: list[torch.Tensor] = []
+        for seq in seqs:
+            seq.row = len(self.active)
+            self.active.append(seq)
+            lengths.append(len(seq.prompt_ids) + len(seq.resume_ids))
+            rows.append(torch.full((lengths[-1],), seq.row, dtype=torch.long))
+        self.cache.ensure(max(lengths) + 1)
+        ids = [t for seq in seqs for t in seq.prompt_ids + seq.resume_ids]
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        last = torch.tensor(list(itertools.accumulate(lengths)), dtype=torch.long) - 1
+        dev = self.device
+        batch = _Prefill(self.cache, torch.cat(rows).to(dev), positions.to(dev), lengths, self.flash)
+        logits = self._forward(
+            batch,
+            torch.tensor([ids], dtype=torch.long, device=dev),
+            positions[None].to(dev),
+            logits_to_keep=last.to(dev),
+        )[0]
+        for seq, n in zip(seqs, lengths, strict=True):
+            seq.cache_len = n
+        self._accept(seqs, self._sample(logits, seqs))
+
+    def _decode_step(self) -> None:
+        seqs = self.active
+        dev = self.device
+        pos = torch.tensor([s.cache_len for s in seqs], dtype=torch.long)
+        kv_len = int(pos.max()) + 1
+        self.cache.ensure(kv_len)
+        pos = pos.to(dev)
+        batch = _Decode(self.cache, pos, kv_len, self.dtype)
+        input_ids = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=dev)
+        logits = self._forward(batch, input_ids, pos[:, None], logits_to_keep=1)[:, -1]
+        for s in seqs:
+            s.cache_len += 1
+        self._accept(list(seqs), self._sample(logits, seqs))
+        self.steps += 1
+
+    def _forward(self, batch, input_ids, position_ids, logits_to_keep) -> torch.Tensor:
+        _local.batch = batch
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                use_cache=False,
+                logits_to_keep=logits_to_keep,
+            )
+        finally:
+            _local.batch = None
+        return out.logits
+
+    def _sample(self, logits: torch.Tensor, seqs: Sequence[_Seq]) -> list[int]:
+        greedy = [i for i, s in enumerate(seqs) if s.greedy]
+        if len(greedy) == len(seqs):
+            return logits.argmax(-1).tolist()
+        out = [0] * len(seqs)
+        if greedy:
+            for i, t in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
+                out[i] = t
+        sampled = [i for i, s in enumerate(seqs) if not s.greedy]
+        rows = logits[sampled].float()
+        temps = torch.tensor([seqs[i].temperature for i in sampled], device=rows.device)
+        probs = torch.softmax(rows / temps[:, None], dim=-1)
+        uniforms = torch.cat([torch.rand(1, generator=seqs[i].generator or self.rng) for i in sampled]).to(rows.device)
+        top_ps = [seqs[i].top_p for i in sampled]
+        plain = [j for j, p in enumerate(top_ps) if p >= 1.0]
+        nucleus = [j for j, p in enumerate(top_ps) if p < 1.0]
+        if plain:
+            cdf = probs[plain].cumsum(-1)
+            x = (uniforms[plain] * cdf[:, -1])[:, None]
+            picks = torch.searchsorted(cdf, x, right=True).clamp_(max=cdf.shape[-1] - 1)[:, 0].tolist()
+            for j, t in zip(plain, picks, strict=True):
+                out[sampled[j]] = t
+        if nucleus:
+            sub = probs[nucleus]
+            k = min(_TOP_P_CANDIDATES, sub.shape[-1])
+            vals, ids = sub.topk(k, dim=-1)
+            tp = torch.tensor([top_ps[j] for j in nucleus], device=sub.device)
+            covered = vals.sum(-1) >= tp
+            if not bool(covered.all()):
+                vals, ids = sub.sort(dim=-1, descending=True)
+            before = vals.cumsum(-1) - vals
+            vals = vals.masked_fill(before >= tp[:, None], 0.0)
+            cdf = vals.cumsum(-1)
+            x = (uniforms[nucleus] * cdf[:, -1])[:, None]
+            pick = torch.searchsorted(cdf, x, right=True).clamp_(max=cdf.shape[-1] - 1)
+            for j, t in zip(nucleus, ids.gather(1, pick)[:, 0].tolist(), strict=True):
+                out[sampled[j]] = t
+        return out
+
+    def _accept(self, seqs: list[_Seq], tokens: list[int]) -> None:
+        done: list[_Seq] = []
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.last_token = token
+            seq.generated += 1
+            seq.history.append(token)
+            d = seq.detok
+            finish: FinishReason | None = None
+            cut: int | None = None
+            if token in self.eos_ids:
+                d.skip(token)
+                finish = "stop"
+            else:
+                cut = d.add(token)
+                if cut is not None:
+                    finish = "stop"
+                elif seq.generated >= seq.max_tokens or seq.cache_len >= self.max_len:
+                    finish = "length"
+            if finish is None:
+                tok_end, char_end = d.releasable()
+                if tok_end > d.sent_tokens:
+                    self._emit_text(seq, d, tok_end, char_end, None)
+                continue
+            if cut is None:
+                d.flush()
+                char_end = len(d.text)
+            else:
+                char_end = max(cut, d.sent_chars)
+            self._emit_text(seq, d, d.n, char_end, finish)
+            seq.finished = True
+            done.append(seq)
+        for seq in done:
+            self._remove(seq)
+
+    def _emit_text(self, seq: _Seq, d: _Detokenizer, tok_end: int, char_end: int, finish: FinishReason | None) -> None:
+        delta = Delta(
+            text=d.text[d.sent_chars : char_end],
+            token_ids=seq.history[d.sent_tokens : tok_end],
+            finish_reason=finish,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=tok_end,
+        )
+        d.sent_tokens, d.sent_chars = tok_end, max(char_end, d.sent_chars)
+        self._out.setdefault(seq.loop, []).append((seq, delta))
+
+    def _emit_cancelled(self, seq: _Seq) -> None:
+        seq.finished = True
+        d = seq.detok
+        delta = Delta(
+            text="",
+            token_ids=[],
+            finish_reason="cancelled",
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=d.sent_tokens,
+        )
+        self._out.setdefault(seq.loop, []).append((seq, delta))
+
+    def _fail(self, seqs: Sequence[_Seq], exc: BaseException) -> None:
+        for seq in seqs:
+            if not seq.finished:
+                seq.finished = True
+                self._out.setdefault(seq.loop, []).append((seq, exc))
+
+    def _flush(self) -> None:
+        out, self._out = self._out, {}
+        for loop, items in out.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+
+def _deliver(items: list[tuple[_Seq, Any]]) -> None:
+    for seq, item in items:
+        seq.queue.put_nowait(item)
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Loaded:
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    path: Path
+    summary: str
+    flash: bool
+    max_len: int
+    eos_ids: set[int]
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.model = settings.served_model_name
+        self.max_batch_size = settings.max_batch_size
+        self.max_model_len = settings.max_model_len
+        self._loaded: _Loaded | None = None
+        self._runner: _Runner | None = None
+        self._decode_fn: Callable[[list[int]], str] | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        loaded = await asyncio.to_thread(_load, self.settings)
+        self._loaded = loaded
+        self.max_model_len = loaded.max_len
+        self._decode_fn = _make_decode(loaded.tokenizer)
+        runner = _Runner(
+            loaded.model,
+            loaded.device,
+            self.max_batch_size,
+            loaded.max_len,
+            loaded.eos_ids,
+            self._decode_fn,
+            loaded.flash,
+        )
+        runner.thread.start()
+        self._runner = runner
+        started = time.monotonic()
+        await self._warmup()
+        log.info(
+            "transformers engine ready: %s from %s; %s; max_batch_size=%d max_model_len=%d; kv cache %.0f MiB now; "
+            "warm-up %.1f s",
+            self.model,
+            loaded.path,
+            loaded.summary,
+            self.max_batch_size,
+            self.max_model_len,
+            runner.cache.nbytes() / 2**20,
+            time.monotonic() - started,
+        )
+
+    async def _warmup(self) -> None:
+        from worker.engines.base import SamplingParams
+
+        prompts = ["Hello", "The capital of France is Paris. The capital of Italy is"]
+        for i, prompt in enumerate(prompts):
+            params = SamplingParams(max_tokens=4, temperature=0.0)
+            req = GenerationRequest(id=f"warmup-{i}", params=params, prompt=prompt)
+            async for _ in self.generate(req):
+                pass
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.stop()
+            await asyncio.to_thread(runner.thread.join, 30)
+
+    async def check_health(self) -> None:
+        runner = self._runner
+        if runner is None:
+            raise RuntimeError("the transformers engine is not started")
+        if not runner.thread.is_alive() or runner.fatal is not None:
+            raise RuntimeError(f"the transformers engine thread died: {runner.fatal!r}")
+
+    def num_running(self) -> int:
+        """Requests inside the engine: running in the batch plus waiting for a slot."""
+        return self._runner.load() if self._runner is not None else 0
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def _tokenize(self, request: GenerationRequest) -> tuple[list[int], str]:
+        assert self._loaded is not None
+        tok = self._loaded.tokenizer
+        if request.messages is not None:
+            messages = [_normalize_message(m) for m in request.messages]
+            try:
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as exc:
+                raise EngineRequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
+            ids = list(tok(text, add_special_tokens=False)["input_ids"])
+            return ids, "messages"
+        prompt = request.prompt
+        if prompt is None:
+            raise EngineRequestError("either messages or prompt is required", param="prompt")
+        if isinstance(prompt, str):
+            ids = list(tok(prompt, add_special_tokens=True)["input_ids"]) if prompt else []
+        else:
+            ids = self._check_ids(list(prompt), "prompt")
+        if not ids:
+            bos = tok.bos_token_id
+            if bos is None:
+                raise EngineRequestError("the prompt is empty", param="prompt", code="invalid_prompt")
+            ids = [bos]
+        return ids, "prompt"
+
+    def _check_ids(self, ids: list[Any], param: str) -> list[int]:
+        assert self._loaded is not None
+        vocab = self._vocab_size()
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise EngineRequestError(
+                    f"token id {t!r} is out of range for this model's vocabulary [0, {vocab})",
+                    param=param,
+                    code="invalid_token_id",
+                )
+        return ids
+
+    def _vocab_size(self) -> int:
+        assert self._loaded is not None
+        emb = self._loaded.model.get_input_embeddings()
+        return int(emb.num_embeddings if hasattr(emb, "num_embeddings") else emb.weight.shape[0])
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        runner = self._runner
+        if runner is None or self._loaded is None or self._decode_fn is None:
+            raise RuntimeError("the transformers engine is not started")
+        params = request.params
+        prompt_ids, param = self._tokenize(request)
+        resume = self._check_ids(list(request.resume_token_ids), "resume_token_ids")
+        max_tokens = int(params.max_tokens)
+        if max_tokens < 0:
+            raise EngineRequestError("max_tokens must be >= 0", param="max_tokens", code="invalid_value")
+        if len(prompt_ids) + max_tokens > self.max_model_len:
+            raise EngineRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the {param}, {max_tokens} for the "
+                f"completion). Please reduce the length of the {param} or max_tokens.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        if not 0.0 < float(params.top_p) <= 1.0:
+            raise EngineRequestError("top_p must be in (0, 1]", param="top_p", code="invalid_value")
+        if float(params.temperature) < 0 or not math.isfinite(float(params.temperature)):
+            raise EngineRequestError("temperature must be >= 0", param="temperature", code="invalid_value")
+
+        temperature = float(params.temperature)
+        generator = None
+        if params.seed is not None and temperature > _GREEDY_TEMPERATURE:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(int(params.seed) % (2**63))
+            for _ in resume:  # one uniform per sampled token: continue the seeded stream where it was
+                torch.rand(1, generator=generator)
+        detok = _Detokenizer(self._decode_fn, prompt_ids, list(params.stop or []))
+        loop = asyncio.get_running_loop()
+        seq = _Seq(
+            request_id=request.id,
+            prompt_ids=prompt_ids,
+            resume_ids=resume,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=float(params.top_p),
+            generator=generator,
+            detok=detok,
+            loop=loop,
+            queue=asyncio.Queue(),
+            prompt_param=param,
+        )
+        seq.history = list(resume)
+        seq.generated = len(resume)
+        # Replay the resumed tokens through the detokenizer: their text counts for stop strings, is not re-sent.
+        cut = None
+        for t in resume:
+            if t in self._loaded.eos_ids:
+                cut = -1
+                break
+            cut = detok.add(t)
+            if cut is not None:
+                break
+        detok.mark_all_sent()
+        if cut is not None or (resume and resume[-1] in self._loaded.eos_ids) or len(resume) >= max_tokens:
+            reason: FinishReason = "stop" if cut is not None else "length"
+            yield Delta(
+                text="",
+                token_ids=[],
+                finish_reason=reason,
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=len(resume),
+            )
+            return
+
+        try:
+            runner.submit(seq)
+        except _EngineDead as exc:
+            raise RuntimeError(str(exc)) from exc
+        try:
+            while True:
+                item = await seq.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not seq.finished:
+                runner.cancel(seq)
+
+
+def _normalize_message(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    if isinstance(content, list):  # OpenAI content parts: keep the text ones
+        text = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+        message = {**message, "content": text}
+    elif content is None:
+        message = {**message, "content": ""}
+    return message
+
+
+def _make_decode(tokenizer) -> Callable[[list[int]], str]:
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode"):
+
+        def decode(ids: list[int]) -> str:
+            return backend.decode(ids, skip_special_tokens=True)
+
+        return decode
+
+    def slow_decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    return slow_decode
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _load(settings: Settings) -> _Loaded:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    path = materialize(settings.model, settings.model_cache_dir)
+    device_name = settings.device
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(_cpu_threads())
+
+    requested = settings.dtype
+    notes: list[str] = []
+    pack_fp16 = False
+    if cuda:
+        if requested == "auto":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = getattr(torch, requested)
+    else:
+        if requested in ("auto", "float16"):
+            dtype = torch.float32
+            pack_fp16 = not settings.load_in_8bit and _fbgemm_fp16_available()
+            if requested == "float16" and not pack_fp16:
+                notes.append("float16 requested on CPU: fbgemm unavailable, using float32")
+        elif requested == "bfloat16":
+            dtype = torch.bfloat16
+            if not _cpu_has_native_bf16():
+                notes.append("bfloat16 on a CPU without native bf16 support is slower than float32")
+        else:
+            dtype = getattr(torch, requested)
+
+    attn = "sdpa"
+    flash = False
+    if settings.use_flash_attention:
+        if cuda and importlib.util.find_spec("flash_attn") is not None:
+            attn, flash = "flash_attention_2", True
+        else:
+            notes.append("USE_FLASH_ATTENTION ignored (needs CUDA and the flash-attn package): using sdpa")
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
+    quantized8 = False
+    if settings.load_in_8bit and cuda:
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            kwargs["device_map"] = {"": device}
+            quantized8 = True
+        else:
+            notes.append("LOAD_IN_8BIT ignored: bitsandbytes is not installed")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if not quantized8:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+
+    weights = str(dtype).removeprefix("torch.")
+    if not cuda and settings.load_in_8bit:
+        model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        weights = "float32 activations, dynamic int8 Linear layers (torch.ao, fbgemm)"
+    elif pack_fp16:
+        n = _pack_linears_fp16(model, keep_dense=True)
+        weights = f"float32 activations, {n} Linear layers with fbgemm-packed float16 weights"
+    elif quantized8:
+        weights += ", bitsandbytes int8"
+
+    _register_attention()
+    model.set_attn_implementation(SLOT_ATTENTION)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    positions = int(getattr(config, "max_position_embeddings", None) or settings.max_model_len)
+    max_len = min(settings.max_model_len, positions)
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and int(window) < max_len:
+        notes.append(f"context capped at the sliding window ({window})")
+        max_len = int(window)
+
+    eos: set[int] = set()
+    for source in (getattr(model, "generation_config", None), config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            eos.add(value)
+        elif isinstance(value, (list, tuple)):
+            eos.update(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+
+    attention = (
+        "flash-attn 2 prefill + batched slot-cache decode" if flash else "sdpa prefill + batched slot-cache decode"
+    )
+    summary = (
+        f"device={device} ({torch.get_num_threads()} threads)" if not cuda else f"device={device}"
+    ) + f"; weights: {weights}; attention: {attention}"
+    if notes:
+        summary += "; " + "; ".join(notes)
+    log.info("loaded %s in %.1f s: %s", path, time.monotonic() - started, summary)
+    for note in notes:
+        log.warning("%s", note)
+    return _Loaded(model, tokenizer, device, path, summary, flash, max_len, eos)
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
