@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1_000_000
     result_ttl: int = 86_400  # seconds a finished job is kept
     stream_validation_wait: float = 2.0  # wait this long for the worker to accept a stream before sending headers
+
+    @field_validator("model_cache_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
 
     @property
     def api_key_list(self) -> list[str]:
