@@ -128,14 +128,17 @@ class CompletionRequest(_Generation):
                        owner=owner, **job)
 
 
+WebhookEvent = Literal["started", "completed", "failed", "cancelled", "expired"]
+DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("completed", "failed", "cancelled", "expired")
+
+
 class JobOptions(BaseModel):
     """What a submitted job adds to a chat or completion request."""
 
     priority: Priority = "normal"
     timeout: float | None = Field(None, gt=0, description="seconds the job may wait in the queue")
     webhook: str | None = Field(None, description="URL that receives the job's events")
-    webhook_events: list[Literal["started", "completed", "failed", "cancelled", "expired"]] = Field(
-        default_factory=lambda: ["completed", "failed", "cancelled", "expired"])
+    webhook_events: list[WebhookEvent] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS))
 
 
 class ChatJobRequest(ChatCompletionRequest, JobOptions):

@@ -25,9 +25,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.settings import Settings  # noqa: E402
-from worker.engines.base import GenerationRequest, SamplingParams  # noqa: E402
-from worker.engines.hf import TransformersEngine  # noqa: E402
+from shared.settings import Settings
+from worker.engines.base import GenerationRequest, SamplingParams
+from worker.engines.hf import TransformersEngine
 
 TOPICS = [
     "the history of Rome",

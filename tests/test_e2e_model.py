@@ -20,7 +20,7 @@ def model_stack(make_stack):
 
 
 async def test_real_model_streams_and_answers(model_stack):
-    stack, url = model_stack
+    _, url = model_stack
     c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     stream = await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
@@ -42,7 +42,7 @@ async def test_real_model_streams_and_answers(model_stack):
 
 async def test_real_model_concurrent_greedy_requests_match_sequential(model_stack):
     """Batching must not change greedy output: 6 concurrent requests equal their one-at-a-time runs."""
-    stack, url = model_stack
+    _, url = model_stack
     c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=180)
     questions = ["Name a color.", "Count from 1 to 5.", "Say hello in French.", "What is 2+2?",
                  "Name a planet.", "Write one word about the sea."]
@@ -59,7 +59,7 @@ async def test_real_model_concurrent_greedy_requests_match_sequential(model_stac
 
 
 async def test_real_model_context_overflow_is_a_400(model_stack):
-    stack, url = model_stack
+    _, url = model_stack
     c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
     with pytest.raises(openai.BadRequestError, match="context"):
         await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello " * 2100}],

@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from shared.webhooks import verify
 from scripts.stack import ROOT
+from shared.webhooks import verify
 from tests.test_pipeline import MODEL, expected
 
 SECRET = "whsec-test"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -132,7 +133,7 @@ class Worker:
         await asyncio.gather(*(j.task for j in left if j.task), return_exceptions=True)
         await self._flush()  # the log must hold everything sent before another worker resumes it
         for job in left:
-            await self._with_redis(lambda job=job: self._hand_back(job), attempts=5)
+            await self._with_redis(functools.partial(self._hand_back, job), attempts=5)
         with contextlib.suppress(*REDIS_DOWN, RedisError):
             await self.redis.delete(self.keys.worker_alive(self.name))
             await self.redis.hdel(self.keys.workers, self.name)
@@ -295,7 +296,7 @@ class Worker:
         )
         seq = len(previous)
         try:
-            async with contextlib.aclosing(self.engine.generate(request)) as deltas:
+            async with contextlib.aclosing(self.engine.generate(request)) as deltas:  # type: ignore[type-var]
                 async for delta in deltas:
                     self._m_tokens.inc(len(delta.token_ids))
                     if delta.finish_reason is None:

@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 SLOT_ATTENTION = "llm_serving_slots"
 _GREEDY_TEMPERATURE = 1e-5
 _TOP_P_CANDIDATES = 1024  # nucleus sampling looks at this many top tokens before falling back to a full sort
-_PREFILL_TOKEN_BUDGET = 2048  # packed prompt tokens per prefill forward (a longer prompt goes alone)
+_PREFILL_TOKEN_BUDGET = 512  # packed prompt tokens per prefill forward (a longer prompt goes alone)
+_PREFIX_CACHE_BYTES = 128 * 2**20  # reusable prompt-prefix keys/values kept by the engine
 _DETOK_CONTEXT = 6  # prompt tokens kept as decoding context (leading-space handling of sentencepiece)
 _MAX_PENDING_TOKENS = 8  # tokens held back waiting for a multi-byte character to complete
 _DENSE_MIN_ROWS = 64  # packed linear layers use the float32 weight (MKL, multi-threaded) from this many rows
@@ -145,41 +146,57 @@ class _Decode:
 
 
 class _Prefill:
-    """Prompts packed into one row of ``total`` tokens; token j goes to slot ``rows[j]`` at ``pos[j]``."""
+    """New tokens of several sequences packed into one row of the model input.
 
-    def __init__(self, cache: _SlotCache, rows: torch.Tensor, pos: torch.Tensor, lengths: list[int], flash: bool):
-        self.cache, self.rows, self.pos, self.lengths, self.flash = cache, rows, pos, lengths, flash
-        total = sum(lengths)
-        device = rows.device
+    Sequence i owns slot ``rows[i]``; its first ``cached[i]`` tokens are already in
+    the slot (a reused prefix) and its ``new[i]`` tokens follow at positions
+    ``cached[i]...``. Each new token attends to its own sequence only, causally.
+    """
+
+    def __init__(self, cache: _SlotCache, rows: list[int], cached: list[int], new: list[int], flash: bool):
+        self.cache, self.flash = cache, flash
+        device = cache.device
+        self.q_rows = torch.tensor([r for r, n in zip(rows, new, strict=True) for _ in range(n)], device=device)
+        self.q_pos = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, new, strict=True)]).to(device)
+        self.reuse = any(cached)
+        self.longest_q = max(new)
+        totals = [c + n for c, n in zip(cached, new, strict=True)]
+        self.longest_k = max(totals)
         self.mask: torch.Tensor | None = None
-        if len(lengths) > 1 and not flash:
-            owner = torch.arange(len(lengths), device=device)
-            seq = torch.repeat_interleave(owner, torch.tensor(lengths, device=device))
-            idx = torch.arange(total, device=device)
-            self.mask = ((seq[:, None] == seq[None, :]) & (idx[:, None] >= idx[None, :]))[None, None]
+        if self.reuse:
+            self.k_rows = torch.tensor([r for r, t in zip(rows, totals, strict=True) for _ in range(t)], device=device)
+            self.k_pos = torch.cat([torch.arange(t) for t in totals]).to(device)
         if flash:
-            cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
-            cu[1:] = torch.cumsum(torch.tensor(lengths, device=device), 0)
-            self.cu_seqlens = cu
+            self.cu_q = _cumulative(new, device)
+            self.cu_k = _cumulative(totals, device)
+        elif len(new) > 1 or self.reuse:
+            owner = torch.arange(len(new), device=device)
+            q_seq = torch.repeat_interleave(owner, torch.tensor(new, device=device))
+            k_seq = torch.repeat_interleave(owner, torch.tensor(totals, device=device)) if self.reuse else q_seq
+            k_pos = self.k_pos if self.reuse else self.q_pos
+            visible = (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= self.q_pos[:, None])
+            self.mask = visible[None, None]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap) -> Any:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        kc[self.rows, :, self.pos] = k[0].transpose(0, 1)
-        vc[self.rows, :, self.pos] = v[0].transpose(0, 1)
+        kc[self.q_rows, :, self.q_pos] = k[0].transpose(0, 1)
+        vc[self.q_rows, :, self.q_pos] = v[0].transpose(0, 1)
+        if self.reuse:  # the keys include the reused prefixes: read them all back from the slots
+            k = kc[self.k_rows, :, self.k_pos].transpose(0, 1)[None]
+            v = vc[self.k_rows, :, self.k_pos].transpose(0, 1)[None]
         if self.flash:
             from flash_attn import flash_attn_varlen_func
 
-            longest = max(self.lengths)
             out = flash_attn_varlen_func(
                 q[0].transpose(0, 1),
                 k[0].transpose(0, 1),
                 v[0].transpose(0, 1),
-                self.cu_seqlens,
-                self.cu_seqlens,
-                longest,
-                longest,
+                self.cu_q,
+                self.cu_k,
+                self.longest_q,
+                self.longest_k,
                 softmax_scale=scale,
-                causal=True,
+                causal=True,  # bottom-right aligned when keys outnumber queries
                 softcap=softcap or 0.0,
             )
             return out.unsqueeze(0)
@@ -189,6 +206,88 @@ class _Prefill:
             q, k, v, attn_mask=self.mask, is_causal=self.mask is None, scale=scale, enable_gqa=True
         )
         return out.transpose(1, 2)
+
+
+def _cumulative(lengths: list[int], device) -> torch.Tensor:
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, device=device), 0)
+    return cu
+
+
+class _PrefixEntry:
+    __slots__ = ("k", "nbytes", "tokens", "v")
+
+    def __init__(self, tokens: tuple[int, ...], k: torch.Tensor, v: torch.Tensor):
+        self.tokens, self.k, self.v = tokens, k, v
+        self.nbytes = 2 * k.numel() * k.element_size()
+
+
+class _PrefixCache:
+    """Keys/values of recent prompts' prefixes, reused by prompts that start the same way.
+
+    Chat prompts share the chat template's system preamble, and clients resend
+    conversation history. Prefixes are matched in blocks of ``BLOCK`` tokens
+    (chained block hashes, verified token by token on a hit); each stored prompt
+    indexes all its block boundaries. Least recently used entries are evicted
+    beyond ``budget`` bytes.
+    """
+
+    BLOCK = 16
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.entries: collections.OrderedDict[int, _PrefixEntry] = collections.OrderedDict()
+        self.index: dict[int, _PrefixEntry] = {}
+        self.nbytes = 0
+        self.hits = 0
+        self.hit_tokens = 0
+
+    def _hashes(self, tokens: list[int], limit: int) -> list[int]:
+        h, out = 0, []
+        for end in range(self.BLOCK, limit + 1, self.BLOCK):
+            h = hash((h, *tokens[end - self.BLOCK : end]))
+            out.append(h)
+        return out
+
+    def lookup(self, tokens: list[int]) -> tuple[_PrefixEntry | None, int]:
+        """The longest stored prefix of ``tokens`` leaving at least one token to compute."""
+        hashes = self._hashes(tokens, len(tokens) - 1)
+        for i in range(len(hashes) - 1, -1, -1):
+            entry = self.index.get(hashes[i])
+            n = (i + 1) * self.BLOCK
+            if entry is not None and entry.tokens[:n] == tuple(tokens[:n]):
+                self.entries.move_to_end(id(entry))
+                self.hits += 1
+                self.hit_tokens += n
+                return entry, n
+        return None, 0
+
+    def store(self, tokens: list[int], cache: _SlotCache, row: int, have: int) -> None:
+        """Keep the block-aligned prefix of ``tokens`` (in slot ``row``) unless ``have`` tokens of it are known."""
+        n = (len(tokens) - 1) // self.BLOCK * self.BLOCK
+        if n <= have or n == 0:
+            return
+        k = torch.stack([layer[row, :, :n] for layer in cache.k])
+        v = torch.stack([layer[row, :, :n] for layer in cache.v])
+        entry = _PrefixEntry(tuple(tokens[:n]), k, v)
+        if entry.nbytes > self.budget:
+            return
+        self.entries[id(entry)] = entry
+        self.nbytes += entry.nbytes
+        for h in self._hashes(tokens, n):
+            self.index[h] = entry
+        while self.nbytes > self.budget:
+            _, old = self.entries.popitem(last=False)
+            self.nbytes -= old.nbytes
+            for h in self._hashes(list(old.tokens), len(old.tokens)):
+                if self.index.get(h) is old:
+                    del self.index[h]
+
+    @staticmethod
+    def restore(entry: _PrefixEntry, n: int, cache: _SlotCache, row: int) -> None:
+        for i, (kc, vc) in enumerate(zip(cache.k, cache.v, strict=True)):
+            kc[row, :, :n].copy_(entry.k[i, :, :n])
+            vc[row, :, :n].copy_(entry.v[i, :, :n])
 
 
 def _eager_attention(q, k, v, scale, softcap, mask):
@@ -412,7 +511,15 @@ class _EngineDead(RuntimeError):
 
 class _Runner:
     def __init__(
-        self, model, device: torch.device, max_batch: int, max_len: int, eos_ids: set[int], decode, flash: bool
+        self,
+        model,
+        device: torch.device,
+        max_batch: int,
+        max_len: int,
+        eos_ids: set[int],
+        decode,
+        flash: bool,
+        prefix_cache_bytes: int = 0,
     ):
         self.model = model
         self.device = device
@@ -438,6 +545,9 @@ class _Runner:
         self.rng = torch.Generator(device="cpu")
         self.rng.manual_seed(random.SystemRandom().randrange(2**63))
         self.steps = 0
+        self.prefill_tokens = 0
+        self.reused_tokens = 0
+        self.prefix: _PrefixCache | None = _PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._out: dict[asyncio.AbstractEventLoop, list[tuple[_Seq, Any]]] = {}
         self.thread = threading.Thread(target=self._main, name="hf-engine", daemon=True)
 
@@ -532,27 +642,33 @@ class _Runner:
         seq.row = -1
 
     def _prefill(self, seqs: list[_Seq]) -> None:
-        lengths = []
-        rows: list[torch.Tensor] = []
-        for seq in seqs:
+        inputs = [seq.prompt_ids + seq.resume_ids for seq in seqs]
+        self.cache.ensure(max(len(t) for t in inputs) + 1)
+        cached: list[int] = []
+        for seq, tokens in zip(seqs, inputs, strict=True):
             seq.row = len(self.active)
             self.active.append(seq)
-            lengths.append(len(seq.prompt_ids) + len(seq.resume_ids))
-            rows.append(torch.full((lengths[-1],), seq.row, dtype=torch.long))
-        self.cache.ensure(max(lengths) + 1)
-        ids = [t for seq in seqs for t in seq.prompt_ids + seq.resume_ids]
-        positions = torch.cat([torch.arange(n) for n in lengths])
-        last = torch.tensor(list(itertools.accumulate(lengths)), dtype=torch.long) - 1
+            entry, n = self.prefix.lookup(tokens) if self.prefix is not None else (None, 0)
+            if entry is not None:
+                _PrefixCache.restore(entry, n, self.cache, seq.row)
+            cached.append(n)
+        new = [len(t) - c for t, c in zip(inputs, cached, strict=True)]
         dev = self.device
-        batch = _Prefill(self.cache, torch.cat(rows).to(dev), positions.to(dev), lengths, self.flash)
+        batch = _Prefill(self.cache, [s.row for s in seqs], cached, new, self.flash)
+        ids = [t for tokens, c in zip(inputs, cached, strict=True) for t in tokens[c:]]
+        last = torch.tensor(list(itertools.accumulate(new)), dtype=torch.long) - 1
         logits = self._forward(
             batch,
             torch.tensor([ids], dtype=torch.long, device=dev),
-            positions[None].to(dev),
+            batch.q_pos[None],
             logits_to_keep=last.to(dev),
         )[0]
-        for seq, n in zip(seqs, lengths, strict=True):
-            seq.cache_len = n
+        for seq, tokens, c in zip(seqs, inputs, cached, strict=True):
+            seq.cache_len = len(tokens)
+            if self.prefix is not None:
+                self.prefix.store(tokens, self.cache, seq.row, c)
+        self.prefill_tokens += sum(new)
+        self.reused_tokens += sum(cached)
         self._accept(seqs, self._sample(logits, seqs))
 
     def _decode_step(self) -> None:
@@ -745,6 +861,7 @@ class TransformersEngine(Engine):
             loaded.eos_ids,
             self._decode_fn,
             loaded.flash,
+            _PREFIX_CACHE_BYTES,
         )
         runner.thread.start()
         self._runner = runner
@@ -949,10 +1066,19 @@ def _make_decode(tokenizer) -> Callable[[list[int]], str]:
 
 
 def _cpu_threads() -> int:
+    """Intra-op threads for the model: all cores but one.
+
+    The spare core runs the event loop (Redis I/O, detokenization) and, on small
+    hosts, the API and Redis. Measured on a 2-core host: 1 thread is never slower
+    here (decode GEMMs are single-threaded fbgemm calls) and OpenMP with 2
+    threads on 2 busy cores is 2-10x slower (spinning barriers).
+    Set OMP_NUM_THREADS to override.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def _load(settings: Settings) -> _Loaded:
@@ -1018,10 +1144,13 @@ def _load(settings: Settings) -> _Loaded:
 
     weights = str(dtype).removeprefix("torch.")
     if not cuda and settings.load_in_8bit:
-        model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        from torch.ao.quantization import per_channel_dynamic_qconfig
+
+        model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
         weights = "float32 activations, dynamic int8 Linear layers (torch.ao, fbgemm)"
     elif pack_fp16:
-        n = _pack_linears_fp16(model, keep_dense=True)
+        # With several threads MKL runs float32 prefill GEMMs in parallel; fbgemm is single-threaded.
+        n = _pack_linears_fp16(model, keep_dense=torch.get_num_threads() > 1)
         weights = f"float32 activations, {n} Linear layers with fbgemm-packed float16 weights"
     elif quantized8:
         weights += ", bitsandbytes int8"
