@@ -77,10 +77,11 @@ class Stack:
         self._wait(lambda: httpx.get(url + "/health", timeout=1).status_code == 200, proc, 30)
         return url
 
-    def worker(self, name: str | None = None, wait: float = 120, **env: str) -> Proc:
+    def worker(self, name: str | None = None, wait: float = 120, python: str = sys.executable, **env: str) -> Proc:
+        """A worker (synthetic engine unless told otherwise), ready once it heartbeats."""
         name = name or f"w{len(self.procs)}"
         env = {"inference_engine": "synthetic", "worker_name": name, **env}
-        proc = Proc(f"worker-{name}", [sys.executable, "-m", "worker"], self._env(env), self.log_dir)
+        proc = Proc(f"worker-{name}", [python, "-m", "worker"], self._env(env), self.log_dir)
         self.procs.append(proc)
         self._wait(lambda: self.redis.exists(f"{self.prefix}worker:{name}") == 1, proc, wait)
         return proc
