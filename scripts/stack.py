@@ -103,9 +103,13 @@ class Stack:
         raw = self.redis.hgetall(f"{self.prefix}job:{{{job_id}}}")
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    def stop(self) -> None:
+    def stop_processes(self) -> None:
         for proc in self.procs:
             proc.kill()
+
+    def stop(self) -> None:
+        """Kill every process and delete the stack's keys."""
+        self.stop_processes()
         keys = list(self.redis.scan_iter(match=f"{self.prefix}*", count=1000))
         for i in range(0, len(keys), 500):
             self.redis.delete(*keys[i:i + 500])

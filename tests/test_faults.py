@@ -162,6 +162,8 @@ async def test_redis_restart_under_load_loses_no_accepted_job(own_redis, tmp_pat
                     await asyncio.sleep(0.02)
 
             await submit(20)
+            streaming = asyncio.create_task(stream_text(client(url, timeout=60), "through the outage", 90))
+            await asyncio.sleep(0.5)
             own_redis.stop()
             await submit(5)  # Redis is down: refused with 503, never accepted and lost
             ready = await http.get("/ready")
@@ -176,9 +178,34 @@ async def test_redis_restart_under_load_loses_no_accepted_job(own_redis, tmp_pat
                     break
                 await asyncio.sleep(0.5)
             assert refused >= 5 and len(accepted) == 35 - refused  # a 503 is never an accepted job
+            try:  # an in-flight stream goes on after the restart, or ends with an error: it never hangs
+                _, text = await asyncio.wait_for(streaming, 60)
+                assert text == expected("through the outage", 90)
+            except openai.APIError as exc:
+                assert "Redis" in str(exc)
             assert all(s == "succeeded" for s in statuses.values()), statuses
             for job_id in accepted:
                 events = sse_events((await http.get(f"/v1/jobs/{job_id}/events")).text)
                 assert [int(e["id"]) for e in events] == list(range(30))
     finally:
         stack.stop()
+
+
+async def test_streams_end_with_an_error_event_while_redis_stays_down(own_redis, tmp_path: Path):
+    stack = Stack(own_redis.url, "d:", tmp_path)
+    try:
+        stack.worker("w", synthetic_tokens_per_second="20")
+        url = stack.api()
+        streaming = asyncio.create_task(stream_text(client(url, timeout=60), "stranded", 200))
+        await asyncio.sleep(1.0)
+        own_redis.stop()
+        started = time.monotonic()
+        with pytest.raises(openai.APIError, match="Redis"):
+            await asyncio.wait_for(streaming, 30)
+        assert time.monotonic() - started < 15
+        async with httpx.AsyncClient(base_url=url) as http:
+            r = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": [
+                {"role": "user", "content": "x"}]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
+    finally:
+        stack.stop_processes()

@@ -150,6 +150,20 @@ async def test_resume_reruns_and_skips_what_was_delivered(engine):
     assert done == [Delta("", [], "length", 0, 5)]
 
 
+async def test_resume_with_a_stop_string(engine):
+    """The held-back start of a stop string and the stop itself behave as in an uninterrupted run."""
+    full = text(await collect(engine, chat(QUESTION, max_tokens=40)))
+    stop = " Paris"
+    assert stop in full
+    plain = await collect(engine, chat(QUESTION, max_tokens=40, stop=[stop]))
+    assert text(plain) == full[:full.index(stop)] and plain[-1].finish_reason == "stop"
+    for k in range(1, len(ids(plain))):
+        delivered = text([d for d in plain if d.completion_tokens <= k])
+        resumed = await collect(engine, chat(QUESTION, max_tokens=40, stop=[stop], resume=ids(plain)[:k]))
+        assert delivered + text(resumed) == text(plain), k
+        assert resumed[-1].finish_reason == "stop"
+
+
 async def test_upstream_4xx_is_a_request_error_with_its_message(engine, upstream):
     wrong = OpenAIUpstreamEngine(Settings(inference_engine="openai", upstream_url=upstream.url,
                                           upstream_model="no-such-model", max_batch_size=1))

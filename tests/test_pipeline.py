@@ -189,3 +189,23 @@ async def _wait_for(http: httpx.AsyncClient, job_id: str, check, timeout: float 
 
 async def _wait_status(http: httpx.AsyncClient, job_id: str, status: str, timeout: float = 20) -> dict:
     return await _wait_for(http, job_id, lambda job: job["status"] == status, timeout)
+
+
+def test_worker_check_exits_0_only_while_a_worker_of_this_host_is_alive(make_stack):
+    import socket
+    import subprocess
+    import sys
+
+    stack = make_stack()
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "worker", "--check"], env=stack.base_env, capture_output=True,
+                              text=True, timeout=30)
+
+    assert check().returncode == 1
+    worker = stack.worker(f"{socket.gethostname()}-1")
+    alive = check()
+    assert alive.returncode == 0 and "healthy" in alive.stdout
+    worker.kill()
+    time.sleep(2.5)  # past HEARTBEAT_TTL
+    assert check().returncode == 1
