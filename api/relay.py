@@ -179,7 +179,7 @@ class EventHub:
 
     async def _dispatch(self, pubsub: PubSub) -> None:
         while True:
-            message = await pubsub.get_message(timeout=None)
+            message = await pubsub.get_message(timeout=1.0)  # under the socket timeout: quiet is not dead
             if message is None:
                 continue
             channel = message["channel"].decode()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from scripts.stack import Proc, Stack
 from tests.test_pipeline import MODEL
@@ -51,23 +52,25 @@ async def test_vllm_worker_streams_and_answers(vllm_stack):
     workers.append(stack.worker("vllm-a", wait=300, **WORKER_ENV))
     url = stack.api()
     c = client(url)
-    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "What is the capital of France? Answer in one word."}]
     stream = await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
                                              stream=True, stream_options={"include_usage": True})
     chunks = [chunk async for chunk in stream]
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert "paris" in streamed.lower()
     usage = chunks[-1].usage
-    assert usage.prompt_tokens > 10 and 0 < usage.completion_tokens <= 16
+    assert usage is not None and usage.prompt_tokens > 10 and 0 < usage.completion_tokens <= 16
     assert stack.job(chunks[0].id)["worker"] == "vllm-a"
     # the same request, not streamed, greedy: the same text
     full = await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
     assert full.choices[0].message.content == streamed
-    assert full.usage.completion_tokens == usage.completion_tokens
+    assert full.usage is not None and full.usage.completion_tokens == usage.completion_tokens
     completion = await c.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5,
                                             temperature=0)
     assert "paris" in completion.choices[0].text.lower()
-    assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 5
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None and completion.usage.completion_tokens == 5
 
     # batching does not change greedy output
     questions = ["Name a color.", "Count from 1 to 5.", "Say hello in French.", "What is 2+2?",
@@ -98,7 +101,8 @@ async def test_vllm_worker_killed_mid_stream_is_resumed_exactly(vllm_stack):
     workers.append(stack.worker("vllm-b", wait=300, **WORKER_ENV))
     url = stack.api()
     c = client(url)
-    messages = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Write a short story about a lighthouse keeper."}]
     reference = await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=60, temperature=0)
     expected = reference.choices[0].message.content or ""
     assert reference.choices[0].finish_reason == "length"

@@ -144,6 +144,11 @@ class _Decode:
         out = torch.matmul(probs, values)  # n, kvh, g, d
         return out.reshape(n, 1, hq, d)
 
+    def attend_flat(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Any:
+        """``q [n, heads, d]``, ``k``/``v`` ``[n, kv_heads, d]`` -> ``[n, heads * d]``."""
+        out = self.attend(layer, q[:, :, None], k[:, :, None], v[:, :, None], scale, None)
+        return out.reshape(q.shape[0], -1)
+
 
 class _Prefill:
     """New tokens of several sequences packed into one row of the model input.
@@ -206,6 +211,11 @@ class _Prefill:
             q, k, v, attn_mask=self.mask, is_causal=self.mask is None, scale=scale, enable_gqa=True
         )
         return out.transpose(1, 2)
+
+    def attend_flat(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Any:
+        """``q [t, heads, d]``, ``k``/``v`` ``[t, kv_heads, d]`` -> ``[t, heads * d]``."""
+        out = self.attend(layer, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale, None)
+        return out.reshape(q.shape[0], -1)
 
 
 def _cumulative(lengths: list[int], device) -> torch.Tensor:
@@ -328,17 +338,20 @@ def _register_attention() -> None:
 
 
 class _Fp16PackedLinear(nn.Module):
-    """``nn.Linear`` with the weight packed as float16 for fbgemm (float32 in, float32 accumulate/out)."""
+    """A linear layer with the weight packed as float16 for fbgemm (float32 in, float32 accumulate/out)."""
 
-    def __init__(self, linear: nn.Linear, keep_dense: bool):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_dense: bool):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().float().contiguous()
+        weight = weight.detach().float().contiguous()
+        self.out_features, self.in_features = weight.shape
         self.packed = torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(weight)
-        b = linear.bias.detach().float() if linear.bias is not None else torch.zeros(self.out_features)
-        self.bias_ = b
-        self.has_bias = linear.bias is not None
+        self.has_bias = bias is not None
+        self.bias_ = bias.detach().float() if bias is not None else torch.zeros(self.out_features)
         self.dense = weight if keep_dense else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, keep_dense: bool) -> _Fp16PackedLinear:
+        return cls(linear.weight, linear.bias, keep_dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -348,6 +361,15 @@ class _Fp16PackedLinear(nn.Module):
         else:
             out = torch.ops.aten.fbgemm_linear_fp16_weight(x2.float(), self.packed, self.bias_)
         return out.view(*shape[:-1], self.out_features)
+
+
+class _DenseLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight, self.bias = weight.detach().contiguous(), None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 def _fbgemm_fp16_available() -> bool:
@@ -370,9 +392,128 @@ def _pack_linears_fp16(model: nn.Module, keep_dense: bool) -> int:
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
-                    setattr(parent, name, _Fp16PackedLinear(child, keep_dense))
+                    setattr(parent, name, _Fp16PackedLinear.from_linear(child, keep_dense))
                     count += 1
     return count
+
+
+# --------------------------------------------------------------------------------------------
+# A lean forward for Llama-style decoders
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _FastLayer:
+    ln1: torch.Tensor
+    qkv: nn.Module
+    o: nn.Module
+    ln2: torch.Tensor
+    gate_up: nn.Module
+    down: nn.Module
+
+
+class _FastDecoder:
+    """The decoder stack of a Llama-style model, run on flat ``[tokens, hidden]`` tensors with fused GEMMs.
+
+    transformers' forward costs about as much CPU as the GEMMs themselves at
+    small batch sizes (module calls, mask and output plumbing, unfused RMSNorm
+    and rotary). This path does the same math in ~20 ops per layer, with q/k/v
+    and gate/up fused into one GEMM each. It is used only for architectures whose
+    layers are exactly Llama's, and only after its logits were checked against
+    transformers' own forward at start-up; otherwise the engine runs the
+    transformers model (with the slot attention).
+    """
+
+    ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+    def __init__(self, model, make_linear: Callable[[torch.Tensor, torch.Tensor | None], nn.Module]):
+        config = model.config
+        inner = model.model
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scale = self.head_dim**-0.5
+        self.hidden = config.hidden_size
+        self.eps = float(config.rms_norm_eps)
+        self.inter = config.intermediate_size
+        self.embed = inner.embed_tokens.weight
+        self.rotary = inner.rotary_emb
+        self.norm = inner.norm.weight
+        head = model.lm_head
+        self.lm_head = make_linear(head.weight, getattr(head, "bias", None))
+        half = self.head_dim // 2
+        self.sign = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(self.embed)
+        self.layers: list[_FastLayer] = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv_b = None
+            if a.q_proj.bias is not None:
+                qkv_b = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            self.layers.append(
+                _FastLayer(
+                    ln1=layer.input_layernorm.weight,
+                    qkv=make_linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), qkv_b),
+                    o=make_linear(a.o_proj.weight, a.o_proj.bias),
+                    ln2=layer.post_attention_layernorm.weight,
+                    gate_up=make_linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), _cat_bias(m)),
+                    down=make_linear(m.down_proj.weight, m.down_proj.bias),
+                )
+            )
+
+    @classmethod
+    def supports(cls, model) -> bool:
+        config = model.config
+        if getattr(config, "model_type", None) not in cls.ARCHITECTURES:
+            return False
+        if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "pretraining_tp", 1) != 1:
+            return False
+        inner = getattr(model, "model", None)
+        if inner is None or not hasattr(inner, "rotary_emb"):
+            return False
+        if not isinstance(getattr(model, "lm_head", None), nn.Linear):
+            return False
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+            if not all(type(x) is nn.Linear for x in linears):
+                return False
+            if hasattr(a, "q_norm") or hasattr(a, "k_norm"):
+                return False
+        return True
+
+    def forward(self, batch, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``[len(keep) or tokens, vocab]`` for flat token ``ids`` at ``positions``."""
+        n = ids.shape[0]
+        hq, kvh, d = self.heads, self.kv_heads, self.head_dim
+        x = F.embedding(ids, self.embed)
+        cos, sin = self.rotary(x, positions[None])
+        cos = cos[0][:, None, :]
+        sin = (sin[0] * self.sign)[:, None, :]
+        qk_width = (hq + kvh) * d
+        for i, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden,), layer.ln1, self.eps)
+            qkv = layer.qkv(h)
+            qk = qkv[:, :qk_width].view(n, hq + kvh, d)
+            qk = torch.addcmul(qk * cos, torch.roll(qk, d // 2, -1), sin)
+            v = qkv[:, qk_width:].view(n, kvh, d)
+            attn = batch.attend_flat(i, qk[:, :hq], qk[:, hq:], v, self.scale)
+            x = x + layer.o(attn)
+            h = F.rms_norm(x, (self.hidden,), layer.ln2, self.eps)
+            gu = layer.gate_up(h)
+            x = x + layer.down(F.silu(gu[:, : self.inter]) * gu[:, self.inter :])
+        if keep is not None:
+            x = x[keep]
+        return self.lm_head(F.rms_norm(x, (self.hidden,), self.norm, self.eps))
+
+    def drop_model_weights(self, model) -> None:
+        """The fused copies replace the layers' own linear weights: free those."""
+        model.model.layers = nn.ModuleList()
+
+
+def _cat_bias(mlp) -> torch.Tensor | None:
+    if mlp.gate_proj.bias is None:
+        return None
+    return torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,8 +661,10 @@ class _Runner:
         decode,
         flash: bool,
         prefix_cache_bytes: int = 0,
+        fast: _FastDecoder | None = None,
     ):
         self.model = model
+        self.fast = fast
         self.device = device
         self.max_batch = max_batch
         self.max_len = max_len
@@ -657,12 +800,7 @@ class _Runner:
         batch = _Prefill(self.cache, [s.row for s in seqs], cached, new, self.flash)
         ids = [t for tokens, c in zip(inputs, cached, strict=True) for t in tokens[c:]]
         last = torch.tensor(list(itertools.accumulate(new)), dtype=torch.long) - 1
-        logits = self._forward(
-            batch,
-            torch.tensor([ids], dtype=torch.long, device=dev),
-            batch.q_pos[None],
-            logits_to_keep=last.to(dev),
-        )[0]
+        logits = self._run_model(batch, torch.tensor(ids, dtype=torch.long, device=dev), batch.q_pos, last.to(dev))
         for seq, tokens, c in zip(seqs, inputs, cached, strict=True):
             seq.cache_len = len(tokens)
             if self.prefix is not None:
@@ -679,25 +817,28 @@ class _Runner:
         self.cache.ensure(kv_len)
         pos = pos.to(dev)
         batch = _Decode(self.cache, pos, kv_len, self.dtype)
-        input_ids = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=dev)
-        logits = self._forward(batch, input_ids, pos[:, None], logits_to_keep=1)[:, -1]
+        input_ids = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=dev)
+        logits = self._run_model(batch, input_ids, pos, None)
         for s in seqs:
             s.cache_len += 1
         self._accept(list(seqs), self._sample(logits, seqs))
         self.steps += 1
 
-    def _forward(self, batch, input_ids, position_ids, logits_to_keep) -> torch.Tensor:
+    def _run_model(self, batch, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``[rows, vocab]``: one row per decoded sequence, or one per ``keep`` index of a prefill."""
+        if self.fast is not None:
+            return self.fast.forward(batch, ids, positions, keep)
         _local.batch = batch
         try:
-            out = self.model(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                use_cache=False,
-                logits_to_keep=logits_to_keep,
-            )
+            if keep is None:  # decode: one token per sequence
+                out = self.model(
+                    input_ids=ids[:, None], position_ids=positions[:, None], use_cache=False, logits_to_keep=1
+                )
+                return out.logits[:, -1]
+            out = self.model(input_ids=ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=keep)
+            return out.logits[0]
         finally:
             _local.batch = None
-        return out.logits
 
     def _sample(self, logits: torch.Tensor, seqs: Sequence[_Seq]) -> list[int]:
         greedy = [i for i, s in enumerate(seqs) if s.greedy]
@@ -830,6 +971,7 @@ class _Loaded:
     flash: bool
     max_len: int
     eos_ids: set[int]
+    fast: _FastDecoder | None = None
 
 
 class TransformersEngine(Engine):
@@ -862,6 +1004,7 @@ class TransformersEngine(Engine):
             self._decode_fn,
             loaded.flash,
             _PREFIX_CACHE_BYTES,
+            loaded.fast,
         )
         runner.thread.start()
         self._runner = runner
@@ -880,14 +1023,20 @@ class TransformersEngine(Engine):
         )
 
     async def _warmup(self) -> None:
+        """Run the paths once (prefill, decode, packed prefill); caches the chat template's preamble."""
         from worker.engines.base import SamplingParams
 
-        prompts = ["Hello", "The capital of France is Paris. The capital of Italy is"]
-        for i, prompt in enumerate(prompts):
-            params = SamplingParams(max_tokens=4, temperature=0.0)
-            req = GenerationRequest(id=f"warmup-{i}", params=params, prompt=prompt)
-            async for _ in self.generate(req):
+        params = SamplingParams(max_tokens=4, temperature=0.0)
+        requests = [GenerationRequest(id="warmup-completion", params=params, prompt="The capital of France is")]
+        if getattr(self._loaded.tokenizer, "chat_template", None) if self._loaded else None:
+            messages = [{"role": "user", "content": "Hello!"}]
+            requests.append(GenerationRequest(id="warmup-chat", params=params, messages=messages))
+
+        async def run(request: GenerationRequest) -> None:
+            async for _ in self.generate(request):
                 pass
+
+        await asyncio.gather(*(run(r) for r in requests))
 
     async def close(self) -> None:
         runner, self._runner = self._runner, None
@@ -1143,14 +1292,42 @@ def _load(settings: Settings) -> _Loaded:
     model.requires_grad_(False)
 
     weights = str(dtype).removeprefix("torch.")
-    if not cuda and settings.load_in_8bit:
+    keep_dense = torch.get_num_threads() > 1  # MKL runs float32 prefill GEMMs multi-threaded; fbgemm does not
+    fast = None
+    if not quantized8 and not (settings.load_in_8bit and not cuda) and _FastDecoder.supports(model):
+        if pack_fp16:
+
+            def make_linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
+                return _Fp16PackedLinear(w, b, keep_dense)
+
+        else:
+
+            def make_linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
+                return _DenseLinear(w, b)
+
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            candidate = _FastDecoder(model, make_linear)
+        error = _check_fast_decoder(model, candidate, device)
+        if error is None:
+            fast = candidate
+            fast.drop_model_weights(model)
+        else:
+            notes.append(f"lean forward rejected ({error}): using the transformers forward")
+    if fast is not None:
+        packing = "fbgemm-packed float16 weights" if pack_fp16 else f"{weights} weights"
+        weights = f"{'float32 activations, ' if pack_fp16 else ''}fused q/k/v and gate/up GEMMs with {packing}"
+    elif not cuda and settings.load_in_8bit:
         from torch.ao.quantization import per_channel_dynamic_qconfig
 
-        model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        qconfig = {nn.Linear: per_channel_dynamic_qconfig}
+        model = torch.ao.quantization.quantize_dynamic(model, qconfig, dtype=torch.qint8)
         weights = "float32 activations, dynamic int8 Linear layers (torch.ao, fbgemm)"
     elif pack_fp16:
         # With several threads MKL runs float32 prefill GEMMs in parallel; fbgemm is single-threaded.
-        n = _pack_linears_fp16(model, keep_dense=torch.get_num_threads() > 1)
+        n = _pack_linears_fp16(model, keep_dense=keep_dense)
         weights = f"float32 activations, {n} Linear layers with fbgemm-packed float16 weights"
     elif quantized8:
         weights += ", bitsandbytes int8"
@@ -1178,6 +1355,7 @@ def _load(settings: Settings) -> _Loaded:
     attention = (
         "flash-attn 2 prefill + batched slot-cache decode" if flash else "sdpa prefill + batched slot-cache decode"
     )
+    attention += "; forward: " + ("lean fused Llama path (checked against transformers)" if fast else "transformers")
     summary = (
         f"device={device} ({torch.get_num_threads()} threads)" if not cuda else f"device={device}"
     ) + f"; weights: {weights}; attention: {attention}"
@@ -1186,7 +1364,34 @@ def _load(settings: Settings) -> _Loaded:
     log.info("loaded %s in %.1f s: %s", path, time.monotonic() - started, summary)
     for note in notes:
         log.warning("%s", note)
-    return _Loaded(model, tokenizer, device, path, summary, flash, max_len, eos)
+    return _Loaded(model, tokenizer, device, path, summary, flash, max_len, eos, fast)
+
+
+def _check_fast_decoder(model, fast: _FastDecoder, device: torch.device) -> str | None:
+    """Compare the lean forward with transformers' on a short prompt (prefill + one decode step)."""
+    config = model.config
+    ids = torch.tensor([1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 3458, 282, 253, 1345, 28, 314, 2], device=device)
+    ids = ids % config.vocab_size
+    t = ids.shape[0]
+    try:
+        with torch.inference_mode():
+            ref = model(input_ids=ids[None], use_cache=False).logits[0].float()
+            cache = _SlotCache(config.num_hidden_layers, 1, fast.kv_heads, fast.head_dim, 64, fast.embed.dtype, device)
+            pos = torch.arange(t, device=device)
+            prefill = _Prefill(cache, [0], [0], [t - 1], flash=False)
+            got = fast.forward(prefill, ids[:-1], pos[:-1], None).float()
+            decode = _Decode(cache, pos[-1:], t, fast.embed.dtype)
+            last = fast.forward(decode, ids[-1:], pos[-1:], None).float()
+    except Exception as exc:
+        return repr(exc)
+    got = torch.cat([got, last])
+    scale = ref.abs().max().item()
+    err = (got - ref).abs().max().item()
+    tolerance = 2e-2 if fast.embed.dtype == torch.float32 else 6e-2
+    if not err <= tolerance * max(1.0, scale):
+        return f"max logit difference {err:.3g} (scale {scale:.3g})"
+    log.info("lean forward matches transformers: max logit difference %.2g (logit scale %.3g)", err, scale)
+    return None
 
 
 def _cpu_has_native_bf16() -> bool:
