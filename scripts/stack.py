@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -35,9 +36,10 @@ class Proc:
         return self.popen.poll() is None
 
     def kill(self) -> None:
-        """SIGKILL: the process gets no chance to clean up."""
+        """SIGKILL to the whole process group (a vLLM worker has engine children): no chance to clean up."""
         if self.alive:
-            self.popen.send_signal(signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(10)
 
     def terminate(self, timeout: float = 30) -> int:
