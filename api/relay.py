@@ -48,10 +48,13 @@ class Subscription:
             for event in batch:
                 yield event
 
-    async def batches(self, store: JobStore, after: int = -1) -> AsyncIterator[list[Event]]:
-        """Like ``events``, but as lists of what is available at once: a slow reader gets fewer, bigger writes."""
+    async def batches(self, store: JobStore, after: int = -1, replay: bool = True) -> AsyncIterator[list[Event]]:
+        """Like ``events``, but as lists of what is available at once: a slow reader gets fewer, bigger writes.
+
+        ``replay=False`` skips the first log read: for a job subscribed to before it was enqueued,
+        the channel has everything (a gap still sends the reader to the log)."""
         next_seq = after + 1
-        pending: list[Event] = await self._from_log(store, next_seq)
+        pending: list[Event] = await self._from_log(store, next_seq) if replay else []
         while True:
             ready: list[Event] = []
             for event in pending:

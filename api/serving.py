@@ -87,6 +87,7 @@ class Serving:
 
     # ── admission ────────────────────────────────────────────────────────────
     async def admit(self, body: GenerationRequest, owner: str, options: JobOptions | None = None) -> JobSpec:
+        """The job for a valid request to a known model; 4xx otherwise. The queue is checked at submit."""
         models = await self.models()
         model = body.model if body.model != "default" else self.settings.served_model_name
         if model not in models:
@@ -103,10 +104,6 @@ class Serving:
         if max_len and spec.sampling.max_tokens >= max_len:
             raise APIError(400, f"max_tokens is {spec.sampling.max_tokens}, but this model's maximum context "
                            f"length is {max_len} tokens.", param="max_tokens", code="context_length_exceeded")
-        depth = (await self.queue_state(model))["depth"]
-        if depth >= self.settings.max_queue_depth:
-            raise APIError(429, f"The queue for `{model}` is full ({depth} jobs waiting); retry later.",
-                           type_="rate_limit_error", code="queue_full", headers={"Retry-After": "5"})
         return spec
 
     def acquire(self) -> None:
@@ -122,9 +119,19 @@ class Serving:
         metrics.API_STREAMS_IN_FLIGHT.dec()
 
     async def submit(self, spec: JobSpec) -> Subscription:
-        """Subscribe first, then enqueue: no event can be missed."""
-        sub = await self.hub.subscribe(spec.id)
+        """Subscribe first, then enqueue: no event can be missed. 429 when the model's queue is full.
+        The queue check and the subscription share one round trip's wait."""
+        queue, sub = await asyncio.gather(self.queue_state(spec.model), self.hub.subscribe(spec.id),
+                                          return_exceptions=True)
+        if isinstance(sub, BaseException):
+            raise sub
         try:
+            if isinstance(queue, BaseException):
+                raise queue
+            if queue["depth"] >= self.settings.max_queue_depth:
+                raise APIError(429, f"The queue for `{spec.model}` is full ({queue['depth']} jobs waiting); "
+                               "retry later.", type_="rate_limit_error", code="queue_full",
+                               headers={"Retry-After": "5"})
             await self.store.enqueue(spec)
         except BaseException:
             await sub.close()
@@ -136,7 +143,7 @@ class Serving:
         """Non-stream: the whole response. Stream: a _Stream whose body the route sends as SSE."""
         spec = await self.admit(body, owner)
         sub = await self.submit(spec)
-        batches = sub.batches(self.store)
+        batches = sub.batches(self.store, replay=False)
         watch = _Latency(spec.model, received)
         if not body.stream:
             try:
@@ -248,15 +255,17 @@ class _Stream:
 
     async def body_iterator(self) -> AsyncIterator[bytes]:
         finished = False
+        # The role chunk goes out with the first tokens and [DONE] with the last: fewer, fuller writes.
+        opening = self._chunk(self._choice(None, None, role=True)) if self.chat else b""
         try:
-            if self.chat:
-                yield self._chunk(self._choice(None, None, role=True))
             async for batch in self._all_batches():
-                yield b"".join(self._encode(e) for e in self.watch.observe(batch))
+                out = opening + b"".join(self._encode(e) for e in self.watch.observe(batch))
+                opening = b""
                 if batch[-1].terminal:
+                    finished = True
+                    yield out + DONE
                     break
-            finished = True
-            yield DONE
+                yield out
         finally:
             if not finished:  # the client went away: free the batch slot at once
                 await asyncio.shield(self.serving._abandon(self.spec.id, self.sub, self.batches))

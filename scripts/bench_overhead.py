@@ -73,26 +73,27 @@ def stack(workers: int, **env: str) -> Stack:
 
 
 def latency(args: argparse.Namespace) -> dict[str, Any]:
-    rate, conc, n, out = 100.0, 8, 64, 64
-    alone = asyncio.run(engine_alone(rate, conc, n, out))
-    s = stack(1, synthetic_tokens_per_second=str(rate), max_batch_size=str(conc))
-    try:
-        system = through_system(s.api(), conc, n, out)
-    finally:
-        s.stop()
-    added = {
-        "ttft_p50_ms": system["ttft_ms"]["p50"] - alone["ttft_ms"]["p50"],
-        "ttft_p99_ms": system["ttft_ms"]["p99"] - alone["ttft_ms"]["p99"],
-        "itl_p50_ms": system["itl_ms"]["p50"] - alone["itl_ms"]["p50"],
-        "itl_p99_ms": system["itl_ms"]["p99"] - alone["itl_ms"]["p99"],
-    }
-    print(f"\n## Latency added by queue + relay (synthetic {rate:.0f} tok/s per stream, {conc} streams, {n} requests)")
-    print("| | engine alone | through the system | added |\n|---|---|---|---|")
-    for metric in ("ttft", "itl"):
-        for p in ("p50", "p99"):
-            print(f"| {metric.upper()} {p} (ms) | {alone[f'{metric}_ms'][p]:.2f} | {system[f'{metric}_ms'][p]:.2f} "
-                  f"| {added[f'{metric}_{p}_ms']:+.2f} |")
-    return {"engine_alone": alone, "system": system, "added": added}
+    rate, out = 100.0, 64
+    report: dict[str, Any] = {}
+    for conc in (1, 8):
+        n = 32 if conc == 1 else 64
+        alone = asyncio.run(engine_alone(rate, conc, n, out))
+        s = stack(1, synthetic_tokens_per_second=str(rate), max_batch_size=str(conc))
+        try:
+            system = through_system(s.api(), conc, n, out)
+        finally:
+            s.stop()
+        added = {f"{m}_{p}_ms": system[f"{m}_ms"][p] - alone[f"{m}_ms"][p] for m in ("ttft", "itl")
+                 for p in ("p50", "p99")}
+        print(f"\n## Latency added by queue + relay (synthetic {rate:.0f} tok/s per stream, {conc} concurrent "
+              f"streams, {n} requests)")
+        print("| | engine alone | through the system | added |\n|---|---|---|---|")
+        for metric in ("ttft", "itl"):
+            for p in ("p50", "p99"):
+                print(f"| {metric.upper()} {p} (ms) | {alone[f'{metric}_ms'][p]:.2f} | "
+                      f"{system[f'{metric}_ms'][p]:.2f} | {added[f'{metric}_{p}_ms']:+.2f} |")
+        report[f"concurrency_{conc}"] = {"engine_alone": alone, "system": system, "added": added}
+    return report
 
 
 def relay(args: argparse.Namespace) -> dict[str, Any]:

@@ -106,7 +106,7 @@ async def test_resume_already_complete(engine):
 
 async def test_stop_strings(engine):
     prompt = "Write a short poem about autumn leaves."
-    text, _, deltas = await collect(engine, chat(prompt, 32))
+    text, _, _ = await collect(engine, chat(prompt, 32))
     assert len(text) > 40, text
     mid = len(text) // 2
     stop = text[mid : mid + 4]  # may straddle token boundaries
@@ -131,13 +131,11 @@ async def test_max_tokens_gives_length_and_deltas_are_consistent(engine):
 
 
 async def test_completion_prompt_text_and_token_ids(engine):
-    text_a, ids_a, deltas_a = await collect(
-        engine, GenerationRequest(id="c1", params=SamplingParams(max_tokens=8, temperature=0), prompt="One, two, three,")
-    )
-    prompt_ids = engine._loaded.tokenizer("One, two, three,")["input_ids"]
-    text_b, ids_b, deltas_b = await collect(
-        engine, GenerationRequest(id="c2", params=SamplingParams(max_tokens=8, temperature=0), prompt=prompt_ids)
-    )
+    params = SamplingParams(max_tokens=8, temperature=0)
+    prompt = "One, two, three,"
+    text_a, ids_a, deltas_a = await collect(engine, GenerationRequest(id="c1", params=params, prompt=prompt))
+    prompt_ids = engine._loaded.tokenizer(prompt)["input_ids"]
+    text_b, ids_b, _ = await collect(engine, GenerationRequest(id="c2", params=params, prompt=prompt_ids))
     assert ids_a == ids_b and text_a == text_b
     assert deltas_a[0].prompt_tokens == len(prompt_ids)
 
@@ -213,6 +211,58 @@ async def test_cancel_by_task_cancellation_and_while_queued(engine):
     assert len(ids) == 3
 
 
+async def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(engine, monkeypatch):
+    from worker.engines import hf
+
+    facts = " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(50))
+    long_request = chat(facts + " Which number came first?", 8)
+    monkeypatch.setattr(hf, "_PREFILL_TOKEN_BUDGET", 4096)
+    _, whole, whole_deltas = await collect(engine, chat(facts + " Which number came first?", 8))
+    assert whole_deltas[0].prompt_tokens > 600
+    monkeypatch.setattr(hf, "_PREFILL_TOKEN_BUDGET", 96)
+
+    short_tokens_before_long_started = 0
+    long_started = asyncio.Event()
+
+    async def short() -> None:
+        nonlocal short_tokens_before_long_started
+        async for d in engine.generate(chat("Write a long poem about the sea.", 40)):
+            if not long_started.is_set():
+                short_tokens_before_long_started += len(d.token_ids)
+
+    async def long() -> list[int]:
+        ids: list[int] = []
+        async for d in engine.generate(long_request):
+            long_started.set()
+            ids += d.token_ids
+        return ids
+
+    short_task = asyncio.create_task(short())
+    await asyncio.sleep(0.3)
+    chunked = await long()
+    await short_task
+    assert chunked == whole
+    assert short_tokens_before_long_started >= 4  # the running stream kept going during the chunks
+
+
+async def test_event_loop_stays_responsive(engine):
+    lags: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        while not done.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lags.append(time.perf_counter() - t - 0.01)
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.gather(*(collect(engine, chat(f"Write about the number {i}.", 12)) for i in range(MAX_BATCH)))
+    done.set()
+    await tick
+    assert len(lags) > 10
+    assert sorted(lags)[int(len(lags) * 0.9)] < 0.1, max(lags)
+
+
 async def test_context_length_exceeded(engine):
     gen = engine.generate(chat("Hello", max_tokens=engine.max_model_len))
     with pytest.raises(EngineRequestError) as err:
@@ -237,7 +287,7 @@ async def test_bad_token_ids(engine):
 
 async def test_multibyte_text_never_yields_replacement_chars(engine):
     requests = [
-        GenerationRequest(id="zh", params=SamplingParams(max_tokens=40, temperature=0), prompt="中国的首都是北京。北京有"),
+        GenerationRequest(id="zh", params=SamplingParams(max_tokens=40, temperature=0), prompt="中国的首都是北京。"),
         chat("Reply only with five emoji about food, like 🍕🍔🍟.", 30),
         chat("Translate 'good morning, my friend' into Chinese, Japanese and Korean.", 40),
     ]
@@ -312,3 +362,21 @@ async def test_health_and_prefix_cache_used(engine):
     await engine.check_health()
     runner = engine._runner
     assert runner.prefix is not None and runner.prefix.hits > 0  # chat prompts share the system preamble
+
+
+async def test_transformers_forward_fallback(settings, monkeypatch):
+    """Architectures without the lean path run transformers' own forward with the slot attention."""
+    from worker.engines import hf
+
+    monkeypatch.setattr(hf._FastDecoder, "supports", classmethod(lambda cls, model: False))
+    eng = TransformersEngine(settings)
+    await eng.start()
+    try:
+        assert eng._runner.fast is None
+        prompts = [("What is the capital of France?", 10), ("Name three fruits.", 14), ("Say hello in French.", 6)]
+        alone = [(await collect(eng, chat(p, n)))[1] for p, n in prompts]
+        batched = await asyncio.gather(*(collect(eng, chat(p, n)) for p, n in prompts))
+        assert [ids for _, ids, _ in batched] == alone
+        assert "Paris" in batched[0][0]
+    finally:
+        await eng.close()

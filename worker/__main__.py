@@ -8,6 +8,7 @@ import logging
 import socket
 import sys
 import time
+from typing import Any
 
 import orjson
 from prometheus_client import start_http_server
@@ -56,6 +57,15 @@ async def serve(settings: Settings) -> None:
         await worker.redis.aclose()
 
 
+def _fast_loop() -> Any:
+    """uvloop when installed (uvicorn[standard] brings it), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     parser.add_argument("--check", action="store_true", help="exit 0 if a worker of this host is alive")
@@ -64,7 +74,8 @@ def main() -> None:
     settings = get_settings()
     if args.check:
         sys.exit(asyncio.run(check(settings)))
-    asyncio.run(serve(settings))
+    with asyncio.Runner(loop_factory=_fast_loop()) as runner:
+        runner.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from shared import metrics, webhooks
 from shared.events import Event
@@ -77,6 +77,7 @@ class Worker:
         self._flush_wanted = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self._order, self._order_at = self.lanes, 0.0
         self.counts = {"succeeded": 0, "failed": 0, "cancelled": 0, "expired": 0, "retried": 0, "dead_lettered": 0}
         self._m_batch = metrics.WORKER_BATCH_SIZE.labels(self.model)
         self._m_tokens = metrics.WORKER_GENERATED_TOKENS.labels(self.model)
@@ -192,9 +193,13 @@ class Worker:
         aging = self.settings.priority_aging
         if aging <= 0:
             return self.lanes
-        cutoff = int((time.time() - aging) * 1000)
-        aged = [lane for lane in self.lanes[1:] if (await self._next_waiting_ms(lane) or cutoff) < cutoff]
-        return [*aged[::-1], *(lane for lane in self.lanes if lane not in aged)]
+        now = time.time()
+        if now - self._order_at > 1.0:  # the waits change slowly: look once a second, not per read
+            cutoff = int((now - aging) * 1000)
+            aged = [lane for lane in self.lanes[1:] if (await self._next_waiting_ms(lane) or cutoff) < cutoff]
+            self._order = [*aged[::-1], *(lane for lane in self.lanes if lane not in aged)]
+            self._order_at = now
+        return self._order
 
     async def _next_waiting_ms(self, stream: str) -> int | None:
         groups = await self.redis.xinfo_groups(stream)
@@ -355,7 +360,11 @@ class Worker:
             items, self._buffer = self._buffer, []
             started = time.perf_counter()
             try:
-                await self._write(items)
+                try:
+                    await self._write(items)
+                except NoScriptError:  # Redis restarted: its script cache is empty
+                    await self.store.load_scripts()
+                    await self._write(items)
             except REDIS_DOWN as exc:
                 log.warning("redis unreachable while publishing (%s); retrying", exc)
                 self._buffer = items + self._buffer

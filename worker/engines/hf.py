@@ -1,31 +1,38 @@
 """The `transformers` engine: a Hugging Face causal LM with continuous batching.
 
-Design (see also ``scripts/bench_engine.py``):
+Design (measured with ``scripts/bench_engine.py``):
 
 * One background thread owns the model. Each iteration it (1) drops aborted
   requests, (2) admits waiting requests into free batch slots and prefills them
-  in ONE forward pass (prompts packed back to back, block-diagonal causal mask,
-  logits only at each prompt's last token), (3) runs ONE decode forward over all
-  running sequences (one token each), then samples, detokenizes and hands the
-  deltas to the asyncio side with a single ``call_soon_threadsafe`` per event
-  loop.
+  in ONE forward (new prompt tokens packed back to back, at most
+  ``_PREFILL_TOKEN_BUDGET`` per iteration: longer prompts are prefilled in chunks
+  across iterations; logits only at prompt ends), (3) runs ONE decode forward
+  over all running sequences, then samples, detokenizes and hands the deltas to
+  the asyncio side with a single ``call_soon_threadsafe`` per event loop.
+  Cancelled requests leave the batch at the start of the next iteration.
 * KV cache: per layer a pre-allocated ``[max_batch, kv_heads, capacity, head_dim]``
   tensor; a running sequence owns one row ("slot") and its tokens sit at
   positions ``0..len-1``. Rows are kept compact (0..n-1): when a sequence leaves,
-  the last row is moved into its hole, so a decode step works on ``cache[:n, :, :T]``
-  with a per-row length mask. Capacity grows by doubling up to the context size.
-* The model's own modules run unchanged; only attention is swapped for
-  :func:`_slot_attention` (registered with transformers' ``AttentionInterface``),
-  which writes the new keys/values into the slots and attends over them. The
-  model is called with ``use_cache=False``: it never sees a transformers cache.
-* CPU weights: by default (``DTYPE=auto``/``float16``) every ``nn.Linear``
-  (lm_head included) keeps its weight packed as float16 for fbgemm's
-  fp16-weight / fp32-activation GEMM, about twice as fast as float32 GEMMs at
-  decode batch sizes on an AVX2 CPU, with float32 accumulation (the default
-  model comes from a 4-bit GGUF, so fp16 storage loses nothing measurable).
-  Large prefill batches use the float32 weights, which MKL runs multi-threaded.
-  ``DTYPE=float32`` keeps plain float32; ``LOAD_IN_8BIT`` on CPU applies torch
-  dynamic int8 quantization to the Linear layers.
+  the last row moves into its hole, so a decode step attends over
+  ``cache[:n, :, :T]`` with a per-row length mask. Capacity grows by doubling up
+  to the context size.
+* Prefix cache: keys/values of recent prompts are kept (LRU, ``_PREFIX_CACHE_BYTES``)
+  and copied into the slot of a new prompt that starts the same way (the chat
+  template's system preamble, resent conversation history): only the rest is
+  prefilled.
+* Forward: for Llama-style models (llama, mistral, qwen2) a lean forward
+  (:class:`_FastDecoder`) with fused q/k/v and gate/up GEMMs, checked against
+  transformers' forward at start-up. Any other model runs transformers' own
+  forward with attention swapped for :func:`_slot_attention` (registered with
+  ``AttentionInterface``); it is called with ``use_cache=False`` and never sees
+  a transformers cache.
+* CPU weights: with ``DTYPE=auto`` (or ``float16``) the linear layers (lm_head
+  included) keep float16 weights packed for fbgemm's fp16-weight/fp32-activation
+  GEMM: 2x faster than float32 GEMMs at decode batch sizes on this AVX2 CPU,
+  float32 accumulation, same greedy outputs as float32 (the default model comes
+  from a 4-bit GGUF). bfloat16 is 3-6x slower here (no native bf16) and is used
+  only when asked for. ``LOAD_IN_8BIT`` on CPU: torch dynamic int8 (per-channel).
+  Intra-op threads: all cores but one (see :func:`_cpu_threads`).
 """
 
 from __future__ import annotations
@@ -58,11 +65,10 @@ log = logging.getLogger(__name__)
 SLOT_ATTENTION = "llm_serving_slots"
 _GREEDY_TEMPERATURE = 1e-5
 _TOP_P_CANDIDATES = 1024  # nucleus sampling looks at this many top tokens before falling back to a full sort
-_PREFILL_TOKEN_BUDGET = 512  # packed prompt tokens per prefill forward (a longer prompt goes alone)
+_PREFILL_TOKEN_BUDGET = 512  # prompt tokens per prefill forward; longer prompts are prefilled in chunks
 _PREFIX_CACHE_BYTES = 128 * 2**20  # reusable prompt-prefix keys/values kept by the engine
 _DETOK_CONTEXT = 6  # prompt tokens kept as decoding context (leading-space handling of sentencepiece)
 _MAX_PENDING_TOKENS = 8  # tokens held back waiting for a multi-byte character to complete
-_DENSE_MIN_ROWS = 64  # packed linear layers use the float32 weight (MKL, multi-threaded) from this many rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,8 +160,10 @@ class _Prefill:
     """New tokens of several sequences packed into one row of the model input.
 
     Sequence i owns slot ``rows[i]``; its first ``cached[i]`` tokens are already in
-    the slot (a reused prefix) and its ``new[i]`` tokens follow at positions
-    ``cached[i]...``. Each new token attends to its own sequence only, causally.
+    the slot (a reused prefix or an earlier chunk) and its ``new[i]`` tokens follow
+    at positions ``cached[i]...``. Each new token attends to its own sequence only,
+    causally: one attention call per sequence (a block-diagonal mask over the
+    packed tokens costs ~7x more on CPU), or flash-attn's varlen kernel.
     """
 
     def __init__(self, cache: _SlotCache, rows: list[int], cached: list[int], new: list[int], flash: bool):
@@ -163,54 +171,70 @@ class _Prefill:
         device = cache.device
         self.q_rows = torch.tensor([r for r, n in zip(rows, new, strict=True) for _ in range(n)], device=device)
         self.q_pos = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, new, strict=True)]).to(device)
-        self.reuse = any(cached)
-        self.longest_q = max(new)
         totals = [c + n for c, n in zip(cached, new, strict=True)]
-        self.longest_k = max(totals)
-        self.mask: torch.Tensor | None = None
-        if self.reuse:
-            self.k_rows = torch.tensor([r for r, t in zip(rows, totals, strict=True) for _ in range(t)], device=device)
-            self.k_pos = torch.cat([torch.arange(t) for t in totals]).to(device)
+        # per sequence: (first packed index, last + 1, slot row, cached tokens, mask or None for plain causal)
+        self.parts: list[tuple[int, int, int, int, torch.Tensor | None]] = []
+        start = 0
+        for r, c, n in zip(rows, cached, new, strict=True):
+            mask = None
+            if c:  # queries at c..c+n-1 see keys 0..their own position (causal, aligned bottom-right)
+                mask = torch.arange(c + n, device=device)[None, :] <= torch.arange(c, c + n, device=device)[:, None]
+            self.parts.append((start, start + n, r, c, mask))
+            start += n
         if flash:
+            self.longest_q, self.longest_k = max(new), max(totals)
             self.cu_q = _cumulative(new, device)
             self.cu_k = _cumulative(totals, device)
-        elif len(new) > 1 or self.reuse:
-            owner = torch.arange(len(new), device=device)
-            q_seq = torch.repeat_interleave(owner, torch.tensor(new, device=device))
-            k_seq = torch.repeat_interleave(owner, torch.tensor(totals, device=device)) if self.reuse else q_seq
-            k_pos = self.k_pos if self.reuse else self.q_pos
-            visible = (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= self.q_pos[:, None])
-            self.mask = visible[None, None]
+            if any(cached):
+                k_rows = [r for r, t in zip(rows, totals, strict=True) for _ in range(t)]
+                self.k_rows = torch.tensor(k_rows, device=device)
+                self.k_pos = torch.cat([torch.arange(t) for t in totals]).to(device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap) -> Any:
+        """``q [1, heads, t, d]``, ``k``/``v`` ``[1, kv_heads, t, d]`` -> ``[1, t, heads, d]``."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         kc[self.q_rows, :, self.q_pos] = k[0].transpose(0, 1)
         vc[self.q_rows, :, self.q_pos] = v[0].transpose(0, 1)
-        if self.reuse:  # the keys include the reused prefixes: read them all back from the slots
-            k = kc[self.k_rows, :, self.k_pos].transpose(0, 1)[None]
-            v = vc[self.k_rows, :, self.k_pos].transpose(0, 1)[None]
         if self.flash:
-            from flash_attn import flash_attn_varlen_func
-
-            out = flash_attn_varlen_func(
-                q[0].transpose(0, 1),
-                k[0].transpose(0, 1),
-                v[0].transpose(0, 1),
-                self.cu_q,
-                self.cu_k,
-                self.longest_q,
-                self.longest_k,
-                softmax_scale=scale,
-                causal=True,  # bottom-right aligned when keys outnumber queries
-                softcap=softcap or 0.0,
+            return self._flash(layer, q, k, v, scale, softcap)
+        outs = []
+        for a, b, row, c, mask in self.parts:
+            if c:
+                keys, values = kc[row : row + 1, :, : c + b - a], vc[row : row + 1, :, : c + b - a]
+            else:
+                keys, values = k[:, :, a:b], v[:, :, a:b]
+            if softcap:
+                outs.append(_eager_attention(q[:, :, a:b], keys, values, scale, softcap, mask))
+                continue
+            out = F.scaled_dot_product_attention(
+                q[:, :, a:b], keys, values, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
             )
-            return out.unsqueeze(0)
-        if softcap:
-            return _eager_attention(q, k, v, scale, softcap, self.mask)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=self.mask, is_causal=self.mask is None, scale=scale, enable_gqa=True
+            outs.append(out.transpose(1, 2))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _flash(self, layer: int, q, k, v, scale: float, softcap) -> torch.Tensor:
+        from flash_attn import flash_attn_varlen_func
+
+        if hasattr(self, "k_rows"):  # the keys include cached tokens: read them all back from the slots
+            kc, vc = self.cache.k[layer], self.cache.v[layer]
+            keys = kc[self.k_rows, :, self.k_pos]
+            values = vc[self.k_rows, :, self.k_pos]
+        else:
+            keys, values = k[0].transpose(0, 1), v[0].transpose(0, 1)
+        extra = {"softcap": softcap} if softcap else {}
+        out = flash_attn_varlen_func(
+            q[0].transpose(0, 1),
+            keys,
+            values,
+            self.cu_q,
+            self.cu_k,
+            self.longest_q,
+            self.longest_k,
+            softmax_scale=scale,
+            causal=True,  # bottom-right aligned when keys outnumber queries (flash-attn >= 2.1)
+            **extra,
         )
-        return out.transpose(1, 2)
+        return out.unsqueeze(0)
 
     def attend_flat(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Any:
         """``q [t, heads, d]``, ``k``/``v`` ``[t, kv_heads, d]`` -> ``[t, heads * d]``."""
@@ -260,12 +284,19 @@ class _PrefixCache:
         return out
 
     def lookup(self, tokens: list[int]) -> tuple[_PrefixEntry | None, int]:
-        """The longest stored prefix of ``tokens`` leaving at least one token to compute."""
-        hashes = self._hashes(tokens, len(tokens) - 1)
+        """The longest stored prefix of ``tokens`` leaving at least one token to compute.
+
+        Found by whole blocks, then extended token by token along the entry found.
+        """
+        limit = len(tokens) - 1
+        hashes = self._hashes(tokens, limit)
         for i in range(len(hashes) - 1, -1, -1):
             entry = self.index.get(hashes[i])
             n = (i + 1) * self.BLOCK
             if entry is not None and entry.tokens[:n] == tuple(tokens[:n]):
+                end = min(limit, len(entry.tokens))
+                while n < end and entry.tokens[n] == tokens[n]:
+                    n += 1
                 self.entries.move_to_end(id(entry))
                 self.hits += 1
                 self.hit_tokens += n
@@ -273,9 +304,9 @@ class _PrefixCache:
         return None, 0
 
     def store(self, tokens: list[int], cache: _SlotCache, row: int, have: int) -> None:
-        """Keep the block-aligned prefix of ``tokens`` (in slot ``row``) unless ``have`` tokens of it are known."""
-        n = (len(tokens) - 1) // self.BLOCK * self.BLOCK
-        if n <= have or n == 0:
+        """Keep ``tokens`` but the last (in slot ``row``) unless only ``have`` or fewer of them are new."""
+        n = len(tokens) - 1
+        if n <= have or n < self.BLOCK:
             return
         k = torch.stack([layer[row, :, :n] for layer in cache.k])
         v = torch.stack([layer[row, :, :n] for layer in cache.v])
@@ -301,15 +332,15 @@ class _PrefixCache:
 
 
 def _eager_attention(q, k, v, scale, softcap, mask):
+    """Attention with logit soft-capping (``q [1, h, tq, d]``); ``mask [tq, tk]``, None = causal."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    t = q.shape[2]
+    scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
-        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
+        t = q.shape[2]
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores.float(), -1).to(v.dtype), v).transpose(1, 2)
 
@@ -338,7 +369,14 @@ def _register_attention() -> None:
 
 
 class _Fp16PackedLinear(nn.Module):
-    """A linear layer with the weight packed as float16 for fbgemm (float32 in, float32 accumulate/out)."""
+    """A linear layer with the weight packed as float16 for fbgemm (float32 in, float32 accumulate/out).
+
+    fbgemm's fp16 GEMM is single-threaded. With several threads, a float32 copy
+    of the weight is kept too and used (MKL, multi-threaded) from ``dense_min_rows``
+    input rows on, as measured at start-up by :func:`_calibrate_dense_rows`.
+    """
+
+    dense_min_rows = 1 << 30
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_dense: bool):
         super().__init__()
@@ -356,7 +394,7 @@ class _Fp16PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.dense is not None and x2.shape[0] >= _DENSE_MIN_ROWS:
+        if self.dense is not None and x2.shape[0] >= self.dense_min_rows:
             out = F.linear(x2, self.dense, self.bias_ if self.has_bias else None)
         else:
             out = torch.ops.aten.fbgemm_linear_fp16_weight(x2.float(), self.packed, self.bias_)
@@ -370,6 +408,35 @@ class _DenseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+def _calibrate_dense_rows(out_features: int, in_features: int) -> int:
+    """The smallest batch from which float32 MKL GEMMs (all threads) beat fbgemm's fp16 one (one thread)."""
+    weight = torch.randn(out_features, in_features) * 0.02
+    packed = torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(weight)
+    bias = torch.zeros(out_features)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    rows = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    dense_wins = []
+    with torch.inference_mode():
+        for m in rows:
+            x = torch.randn(m, in_features)
+            fbgemm = best(lambda x=x: torch.ops.aten.fbgemm_linear_fp16_weight(x, packed, bias))
+            dense = best(lambda x=x: F.linear(x, weight))
+            dense_wins.append(dense < 0.9 * fbgemm)
+    for i, m in enumerate(rows):
+        if all(dense_wins[i:]):
+            return m
+    return 1 << 30
 
 
 def _fbgemm_fp16_available() -> bool:
@@ -626,15 +693,16 @@ class _Seq:
     detok: _Detokenizer
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    prompt_param: str
     cancelled: bool = False
     finished: bool = False
     row: int = -1
     cache_len: int = 0
     last_token: int = 0
     generated: int = 0  # including resume ids
+    inputs: list[int] = field(default_factory=list)  # prompt + resume ids: what prefill puts in the cache
+    reused: int = 0  # leading input tokens restored from the prefix cache
+    ready: bool = False  # prefill done: decoding
     history: list[int] = field(default_factory=list)  # generated ids, resume ids first
-    enqueued_at: float = field(default_factory=time.monotonic)
 
     @property
     def greedy(self) -> bool:
@@ -727,12 +795,14 @@ class _Runner:
                             self.cv.wait()
                         if self.stopping:
                             break
-                        admitted = self._admit()
+                        continuing = sum(len(s.inputs) - s.cache_len for s in self.active if not s.ready)
+                        admitted = self._admit(_PREFILL_TOKEN_BUDGET - continuing)
                     try:
                         self._drop_cancelled()
-                        if admitted:
-                            self._prefill(admitted)
-                        if self.active:
+                        work = self._plan_prefill(admitted)
+                        if work:
+                            self._prefill(work)
+                        if any(s.ready for s in self.active):
                             self._decode_step()
                     except Exception as exc:
                         log.exception("transformers engine step failed; failing %d requests", len(self.active))
@@ -751,24 +821,42 @@ class _Runner:
             self._fail(leftover, _EngineDead("the transformers engine stopped"))
             self._flush()
 
-    def _admit(self) -> list[_Seq]:
-        """Take waiting requests into free slots (called with the lock held)."""
+    def _admit(self, budget: int) -> list[_Seq]:
+        """Take waiting requests into free slots while prefill budget is left (called with the lock held)."""
         admitted: list[_Seq] = []
         free = self.max_batch - len([s for s in self.active if not s.cancelled])
-        tokens = 0
-        while self.pending and len(admitted) < free:
-            seq = self.pending[0]
+        while self.pending and len(admitted) < free and budget > 0:
+            seq = self.pending.popleft()
             if seq.cancelled:
-                self.pending.popleft()
                 self._emit_cancelled(seq)
                 continue
-            size = len(seq.prompt_ids) + len(seq.resume_ids)
-            if admitted and tokens + size > _PREFILL_TOKEN_BUDGET:
-                break
-            self.pending.popleft()
             admitted.append(seq)
-            tokens += size
+            budget -= len(seq.inputs)
         return admitted
+
+    def _plan_prefill(self, admitted: list[_Seq]) -> list[tuple[_Seq, int]]:
+        """This iteration's prefill: (sequence, tokens up to which it is in the cache afterwards).
+
+        Long prompts are prefilled in chunks over several iterations (``_PREFILL_TOKEN_BUDGET``
+        tokens per forward in all), so running streams keep getting tokens in between.
+        """
+        for seq in admitted:
+            seq.row = len(self.active)
+            self.active.append(seq)
+            self.cache.ensure(len(seq.inputs) + 1)
+            entry, n = self.prefix.lookup(seq.inputs) if self.prefix is not None else (None, 0)
+            if entry is not None:
+                _PrefixCache.restore(entry, n, self.cache, seq.row)
+            seq.cache_len = seq.reused = n
+        budget = _PREFILL_TOKEN_BUDGET
+        work = []
+        for seq in self.active:
+            if seq.ready or budget <= 0:
+                continue
+            end = min(len(seq.inputs), seq.cache_len + budget)
+            work.append((seq, end))
+            budget -= end - seq.cache_len
+        return work
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self.active if s.cancelled]:
@@ -784,44 +872,51 @@ class _Runner:
         self.active.pop()
         seq.row = -1
 
-    def _prefill(self, seqs: list[_Seq]) -> None:
-        inputs = [seq.prompt_ids + seq.resume_ids for seq in seqs]
-        self.cache.ensure(max(len(t) for t in inputs) + 1)
-        cached: list[int] = []
-        for seq, tokens in zip(seqs, inputs, strict=True):
-            seq.row = len(self.active)
-            self.active.append(seq)
-            entry, n = self.prefix.lookup(tokens) if self.prefix is not None else (None, 0)
-            if entry is not None:
-                _PrefixCache.restore(entry, n, self.cache, seq.row)
-            cached.append(n)
-        new = [len(t) - c for t, c in zip(inputs, cached, strict=True)]
+    def _prefill(self, work: list[tuple[_Seq, int]]) -> None:
+        cached = [seq.cache_len for seq, _ in work]
+        new = [end - seq.cache_len for seq, end in work]
         dev = self.device
-        batch = _Prefill(self.cache, [s.row for s in seqs], cached, new, self.flash)
-        ids = [t for tokens, c in zip(inputs, cached, strict=True) for t in tokens[c:]]
-        last = torch.tensor(list(itertools.accumulate(new)), dtype=torch.long) - 1
-        logits = self._run_model(batch, torch.tensor(ids, dtype=torch.long, device=dev), batch.q_pos, last.to(dev))
-        for seq, tokens, c in zip(seqs, inputs, cached, strict=True):
-            seq.cache_len = len(tokens)
+        batch = _Prefill(self.cache, [seq.row for seq, _ in work], cached, new, self.flash)
+        ids = [t for seq, end in work for t in seq.inputs[seq.cache_len : end]]
+        done = [i for i, (seq, end) in enumerate(work) if end == len(seq.inputs)]
+        ends = list(itertools.accumulate(new))
+        # logits only where a prompt ends (at least one row: an all-chunks forward ignores it)
+        keep = torch.tensor([ends[i] - 1 for i in done] or [ends[-1] - 1], dtype=torch.long, device=dev)
+        logits = self._run_model(batch, torch.tensor(ids, dtype=torch.long, device=dev), batch.q_pos, keep)
+        for seq, end in work:
+            seq.cache_len = end
+        finished = [work[i][0] for i in done]
+        for seq in finished:
+            seq.ready = True
             if self.prefix is not None:
-                self.prefix.store(tokens, self.cache, seq.row, c)
+                self.prefix.store(seq.inputs, self.cache, seq.row, seq.reused)
         self.prefill_tokens += sum(new)
-        self.reused_tokens += sum(cached)
-        self._accept(seqs, self._sample(logits, seqs))
+        self.reused_tokens += sum(seq.reused for seq in finished)
+        if finished:
+            self._accept(finished, self._sample(logits, finished))
 
     def _decode_step(self) -> None:
-        seqs = self.active
+        """One token for every decoding sequence.
+
+        Rows still in a chunked prefill ride along with a dummy token at their next
+        prefill position (overwritten by their next chunk); their output is ignored.
+        """
+        seqs = list(self.active)
         dev = self.device
         pos = torch.tensor([s.cache_len for s in seqs], dtype=torch.long)
         kv_len = int(pos.max()) + 1
         self.cache.ensure(kv_len)
         pos = pos.to(dev)
         batch = _Decode(self.cache, pos, kv_len, self.dtype)
-        input_ids = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=dev)
+        input_ids = torch.tensor([s.last_token if s.ready else 0 for s in seqs], dtype=torch.long, device=dev)
         logits = self._run_model(batch, input_ids, pos, None)
+        ready = [i for i, s in enumerate(seqs) if s.ready]
+        if len(ready) < len(seqs):
+            logits = logits[ready]
+            seqs = [seqs[i] for i in ready]
         for s in seqs:
             s.cache_len += 1
-        self._accept(list(seqs), self._sample(logits, seqs))
+        self._accept(seqs, self._sample(logits, seqs))
         self.steps += 1
 
     def _run_model(self, batch, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -1142,10 +1237,10 @@ class TransformersEngine(Engine):
             detok=detok,
             loop=loop,
             queue=asyncio.Queue(),
-            prompt_param=param,
         )
         seq.history = list(resume)
         seq.generated = len(resume)
+        seq.inputs = prompt_ids + resume
         # Replay the resumed tokens through the detokenizer: their text counts for stop strings, is not re-sent.
         cut = None
         for t in resume:
@@ -1292,7 +1387,20 @@ def _load(settings: Settings) -> _Loaded:
     model.requires_grad_(False)
 
     weights = str(dtype).removeprefix("torch.")
-    keep_dense = torch.get_num_threads() > 1  # MKL runs float32 prefill GEMMs multi-threaded; fbgemm does not
+    keep_dense = False
+    if pack_fp16 and torch.get_num_threads() > 1:  # MKL runs float32 GEMMs multi-threaded; fbgemm does not
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows = _calibrate_dense_rows(2 * getattr(model.config, "intermediate_size", 4096), model.config.hidden_size)
+        keep_dense = rows < 1 << 30
+        _Fp16PackedLinear.dense_min_rows = rows
+        notes.append(
+            f"float32 MKL GEMMs from {rows} rows on (measured faster with {torch.get_num_threads()} threads)"
+            if keep_dense
+            else f"fbgemm float16 GEMMs measured faster than float32 MKL with {torch.get_num_threads()} threads"
+        )
     fast = None
     if not quantized8 and not (settings.load_in_8bit and not cuda) and _FastDecoder.supports(model):
         if pack_fp16:
@@ -1324,7 +1432,11 @@ def _load(settings: Settings) -> _Loaded:
 
         qconfig = {nn.Linear: per_channel_dynamic_qconfig}
         model = torch.ao.quantization.quantize_dynamic(model, qconfig, dtype=torch.qint8)
-        weights = "float32 activations, dynamic int8 Linear layers (torch.ao, fbgemm)"
+        weights = "float32 activations, dynamic int8 Linear layers (torch.ao, per-channel)"
+        notes.append(
+            "LOAD_IN_8BIT on CPU: int8 weights take half the memory of the default fbgemm float16 path but were "
+            "measured no faster on AVX2 and change outputs; leave it off unless memory is short"
+        )
     elif pack_fp16:
         # With several threads MKL runs float32 prefill GEMMs in parallel; fbgemm is single-threaded.
         n = _pack_linears_fp16(model, keep_dense=keep_dense)
