@@ -4,7 +4,7 @@
     python scripts/bench_engine.py --batch 8 --repeat 3 --tokens 64
     python scripts/bench_engine.py --dtype float32       # compare with plain float32 weights
 
-For each batch size B, B greedy chat requests (different prompts, ~40 prompt
+For each batch size B, B chat requests (greedy unless --temperature) (different prompts, ~40 prompt
 tokens each) are started at once with max_tokens=--tokens; the prompts ask for
 long essays so generation runs to max_tokens, and the tokens actually produced
 are what is counted.
@@ -49,7 +49,7 @@ TOPICS = [
 ]
 
 
-def make_requests(batch: int, tokens: int, run: int) -> list[GenerationRequest]:
+def make_requests(batch: int, tokens: int, run: int, temperature: float, top_p: float) -> list[GenerationRequest]:
     reqs = []
     for i in range(batch):
         topic = TOPICS[i % len(TOPICS)]
@@ -57,7 +57,7 @@ def make_requests(batch: int, tokens: int, run: int) -> list[GenerationRequest]:
         reqs.append(
             GenerationRequest(
                 id=f"bench-{run}-{i}",
-                params=SamplingParams(max_tokens=tokens, temperature=0.0),
+                params=SamplingParams(max_tokens=tokens, temperature=temperature, top_p=top_p, seed=run * 1000 + i),
                 messages=[{"role": "user", "content": content}],
             )
         )
@@ -74,10 +74,10 @@ async def one(engine: TransformersEngine, req: GenerationRequest, t0: float) -> 
     return n, first or 0.0, time.perf_counter() - t0
 
 
-async def bench(engine: TransformersEngine, batch: int, tokens: int, repeat: int) -> None:
+async def bench(engine: TransformersEngine, batch: int, args: argparse.Namespace) -> None:
     rates = []
-    for run in range(repeat):
-        reqs = make_requests(batch, tokens, run)
+    for run in range(args.repeat):
+        reqs = make_requests(batch, args.tokens, run, args.temperature, args.top_p)
         t0 = time.perf_counter()
         results = await asyncio.gather(*(one(engine, r, t0) for r in reqs))
         wall = time.perf_counter() - t0
@@ -101,6 +101,8 @@ async def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--dtype", default=None, help="override DTYPE (auto, float32, bfloat16, float16)")
     parser.add_argument("--load-in-8bit", action="store_true")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args()
     overrides: dict = {"max_batch_size": max(args.batch)}
     if args.dtype:
@@ -113,7 +115,7 @@ async def main() -> None:
     print(f"engine started in {time.perf_counter() - t0:.1f} s", flush=True)
     try:
         for batch in args.batch:
-            await bench(engine, batch, args.tokens, args.repeat)
+            await bench(engine, batch, args)
     finally:
         await engine.close()
 

@@ -260,7 +260,8 @@ async def test_event_loop_stays_responsive(engine):
     done.set()
     await tick
     assert len(lags) > 10
-    assert sorted(lags)[int(len(lags) * 0.9)] < 0.1, max(lags)
+    # the model runs on its own thread: a tick waits for the GIL, never for a whole model step
+    assert sorted(lags)[len(lags) // 2] < 0.03, sorted(lags)
 
 
 async def test_context_length_exceeded(engine):
@@ -362,6 +363,12 @@ async def test_health_and_prefix_cache_used(engine):
     await engine.check_health()
     runner = engine._runner
     assert runner.prefix is not None and runner.prefix.hits > 0  # chat prompts share the system preamble
+    before = runner.reused_tokens
+    prompt = "Summarize the plot of Hamlet in two sentences, please, for a ten year old reader."
+    first = await collect(engine, chat(prompt, 6))
+    second = await collect(engine, chat(prompt, 6))
+    assert first[1] == second[1]
+    assert runner.reused_tokens - before >= 2 * 20  # the preamble both times, the whole prompt but one the 2nd
 
 
 async def test_transformers_forward_fallback(settings, monkeypatch):
@@ -372,7 +379,7 @@ async def test_transformers_forward_fallback(settings, monkeypatch):
     eng = TransformersEngine(settings)
     await eng.start()
     try:
-        assert eng._runner.fast is None
+        assert eng._runner is not None and eng._runner.fast is None
         prompts = [("What is the capital of France?", 10), ("Name three fruits.", 14), ("Say hello in French.", 6)]
         alone = [(await collect(eng, chat(p, n)))[1] for p, n in prompts]
         batched = await asyncio.gather(*(collect(eng, chat(p, n)) for p, n in prompts))
