@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -100,8 +101,8 @@ def server(name: str, model_dir: Path, max_batch: int) -> contextlib.AbstractCon
                      str(port), "--device", "cpu", "--dtype", "float32"], {**offline, "HF_HUB_CACHE": str(hub)}, port)
 
 
-def measure(name: str, url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    model = None if name == "transformers-serve" else MODEL  # it names the model by its path
+def measure(name: str, url: str, args: argparse.Namespace, model_dir: Path) -> list[dict[str, Any]]:
+    model = str(model_dir) if name == "transformers-serve" else MODEL  # it names the model by its path
     config = BenchmarkConfig(url=url, name=name, model=model, concurrencies=args.concurrency,
                              prompt_len=args.prompt_len, output_len=args.output_len, warmup=2,
                              num_requests=args.requests)
@@ -118,6 +119,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, help="per concurrency level (default 4x concurrency, min 16)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "compare.json")
     parser.add_argument("--chart", type=Path, default=ROOT / "bench-results" / "compare.png")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other servers' runs already in --json (re-measure some servers only)")
     args = parser.parse_args()
     settings = Settings()
     model_dir = materialize(settings.model, settings.model_cache_dir)
@@ -129,13 +132,17 @@ def main() -> None:
             continue
         print(f"\n### {name}", file=sys.stderr)
         with server(name, model_dir, max_batch) as url:
-            runs += measure(name, url, args)
+            runs += measure(name, url, args, model_dir)
+    if args.merge and args.json.exists():
+        kept = [r | {"request_rate": float(r["request_rate"])}  # the JSON writes infinity as "inf"
+                for r in json.loads(args.json.read_text())["runs"] if r["server"] not in args.servers]
+        runs = [r for name in SERVERS for r in [*kept, *runs] if r["server"] == name]
     results = {"name": "compare", "config": vars(args) | {"json": str(args.json), "chart": str(args.chart),
                                                           "endpoint": "chat"},
                "runs": runs}
-    print(markdown_table(runs))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     write_json(results, args.json)
+    print(markdown_table(runs))
     write_chart(results, args.chart)
 
 
