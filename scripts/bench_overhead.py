@@ -60,8 +60,10 @@ async def engine_alone(rate: float, concurrency: int, requests: int, output_len:
 def through_system(url: str, concurrency: int, requests: int, output_len: int) -> dict[str, Any]:
     config = BenchmarkConfig(url=url, name="llm-serving", model=MODEL, concurrencies=[concurrency],
                              num_requests=requests, prompt_len=16, output_len=output_len, warmup=2)
-    result = asyncio.run(run_benchmark(config))
-    metrics: dict[str, Any] = result["runs"][0]["metrics"]
+    run = asyncio.run(run_benchmark(config))["runs"][0]
+    for error in run["error_messages"]:
+        print(f"error x{error['count']}: {error['message']}", file=sys.stderr)
+    metrics: dict[str, Any] = run["metrics"]
     return metrics
 
 
