@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -98,19 +99,70 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+async def lean_streams(url: str, concurrency: int, requests: int, output_len: int) -> dict[str, Any]:
+    """A load generator light enough not to be the bottleneck: raw HTTP/1.1 keep-alive connections,
+    no JSON parsing; each response is checked to hold exactly ``output_len`` content chunks and [DONE]."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "max_tokens": output_len, "stream": True,
+                       "messages": [{"role": "user", "content": "relay"}]}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    todo = list(range(requests))
+    tokens = bad = 0
+
+    async def connection() -> None:
+        nonlocal tokens, bad
+        reader, writer = await asyncio.open_connection(host, int(port))
+        while todo:
+            todo.pop()
+            writer.write(head + body)
+            data = b""
+            while not (data.endswith(b"0\r\n\r\n") and b"data: [DONE]" in data):  # end of the chunked body
+                chunk = await reader.read(65536)
+                if not chunk:
+                    raise ConnectionError("server closed the connection")
+                data += chunk
+            count = data.count(b'"delta":{"content":')  # one per token; the role chunk does not match
+            tokens += count
+            bad += count != output_len
+        writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return {"total_output_tokens": tokens, "output_throughput": tokens / elapsed, "incomplete": bad,
+            "duration_s": elapsed}
+
+
 def relay(args: argparse.Namespace) -> dict[str, Any]:
+    """Tokens/s through one API process; and, since the load generator shares this machine's cores,
+    tokens per CPU-second the API spent: what it relays when it has a core to itself."""
     conc, out, workers = args.relay_streams, 256, args.relay_workers
     s = stack(workers, synthetic_tokens_per_second="0", max_batch_size=str(conc // workers + 1),
               max_concurrent_requests=str(conc * 2))
     try:
-        system = through_system(s.api(), conc, conc * 2, out)
+        url = s.api()
+        api_pid = s.procs[-1].popen.pid
+        before = cpu_seconds(api_pid)
+        system = through_system(url, conc, conc * 2, out)
+        api_cpu = cpu_seconds(api_pid) - before
+        lean = asyncio.run(lean_streams(url, conc, conc * 2, out))
     finally:
         s.stop()
+    per_cpu = system["total_output_tokens"] / api_cpu
     print(f"\n## Relay: one API process, {conc} concurrent streams, {workers} synthetic workers at full speed")
     print(f"output tokens/s relayed: {system['output_throughput']:.0f}  (completed {system['completed']}, "
-          f"errors {system['errors']})")
+          f"errors {system['errors']}); the API used {api_cpu:.1f} CPU-s for {system['total_output_tokens']} "
+          f"tokens = {per_cpu:.0f} tokens per API CPU-second")
+    print(f"with a lean load generator (raw HTTP, no JSON parsing): {lean['output_throughput']:.0f} tokens/s, "
+          f"{lean['incomplete']} incomplete responses")
     return {"streams": conc, "workers": workers, "output_tokens_per_s": system["output_throughput"],
-            "errors": system["errors"]}
+            "errors": system["errors"], "api_cpu_s": api_cpu, "tokens_per_api_cpu_s": per_cpu, "lean": lean}
 
 
 def scaling(args: argparse.Namespace) -> dict[str, Any]:
