@@ -51,12 +51,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _serving(request: Request) -> Serving:
+async def _serving(request: Request) -> Serving:
     serving: Serving = request.app.state.serving
     return serving
 
 
-def _caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+async def _caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
     """The owner id of the caller's API key ("" when auth is off); 401 for a missing or wrong key."""
     keys = request.app.state.settings.api_key_list
     if not keys:

@@ -216,7 +216,8 @@ class Worker:
             found += _entries(reply)
         if found:
             return found
-        reply = await self.redis.xreadgroup(GROUP, self.name, dict.fromkeys(self.lanes, ">"), count=1, block=1000)
+        # a burst that wakes us is taken whole (per lane; an engine queues the rare extra itself)
+        reply = await self.redis.xreadgroup(GROUP, self.name, dict.fromkeys(self.lanes, ">"), count=count, block=1000)
         return _entries(reply)
 
     def _launch(self, stream: str, entry: str, job_id: str) -> None:
