@@ -106,15 +106,18 @@ return 1
 
 # KEYS[1] job, KEYS[2] log. ARGV[1] worker ('' = anyone: API cancel, dead letter),
 # ARGV[2] attempt, ARGV[3] channel, ARGV[4] ttl, ARGV[5] status, ARGV[6] now,
-# ARGV[7] json of hash fields to set, ARGV[8] final event json without seq.
-# Appends the terminal event with the next seq, sets the status, starts the TTL.
+# ARGV[7] json of hash fields to set, ARGV[8] final event json without seq, ARGV[9] the seq the
+# writer expects its terminal event to get (-1: any). Appends the terminal event with the next seq,
+# sets the status, starts the TTL. A worker's finish after a lost emit is refused: no gap, ever.
 _FINISH = """
 local h = redis.call('HMGET', KEYS[1], 'worker', 'attempts', 'status')
 if not h[3] then return 0 end
 if h[3] ~= 'queued' and h[3] ~= 'running' then return 0 end
 if ARGV[1] ~= '' and (h[1] ~= ARGV[1] or h[2] ~= ARGV[2]) then return 0 end
+local n = redis.call('LLEN', KEYS[2])
+if tonumber(ARGV[9]) >= 0 and n ~= tonumber(ARGV[9]) then return 0 end
 local ev = cjson.decode(ARGV[8])
-ev['seq'] = redis.call('LLEN', KEYS[2])
+ev['seq'] = n
 local raw = cjson.encode(ev)
 redis.call('RPUSH', KEYS[2], raw)
 redis.call('PUBLISH', ARGV[3], raw)
@@ -215,8 +218,9 @@ class JobStore:
 
     async def finish(self, job_id: str, status: JobStatus, event: Event,
                      fields: dict[str, Any] | None = None, worker: str = "", attempt: int = 0,
-                     client: Any = None) -> bool:
-        """Append the terminal event (seq assigned here) and end the job."""
+                     expected_seq: int = -1, client: Any = None) -> bool:
+        """Append the terminal event (seq assigned here; refused unless it is ``expected_seq``
+        when that is given) and end the job."""
         extra = dict(fields or {})
         if event.usage:
             extra["usage"] = orjson.dumps(event.usage).decode()
@@ -229,7 +233,8 @@ class JobStore:
         result = await self._finish(
             keys=[self.keys.job(job_id), self.keys.log(job_id)],
             args=[worker, attempt, self.keys.events(job_id), self.result_ttl, str(status),
-                  time.time(), orjson.dumps(extra), orjson.dumps(final or {"finish_reason": "stop"})],
+                  time.time(), orjson.dumps(extra), orjson.dumps(final or {"finish_reason": "stop"}),
+                  expected_seq],
             client=client,
         )
         return bool(result)

@@ -186,7 +186,7 @@ async def test_redis_restart_under_load_loses_no_accepted_job(own_redis, tmp_pat
             assert all(s == "succeeded" for s in statuses.values()), statuses
             for job_id in accepted:
                 events = sse_events((await http.get(f"/v1/jobs/{job_id}/events")).text)
-                assert [int(e["id"]) for e in events] == list(range(30))
+                assert [int(e["id"]) for e in events] == list(range(30)), (stack.job(job_id), events[-3:])
     finally:
         stack.stop()
 

@@ -311,12 +311,12 @@ class Worker:
                         continue
                     usage = {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens,
                              "total_tokens": delta.prompt_tokens + delta.completion_tokens}
-                    final = Event(0, delta.text, delta.token_ids, delta.finish_reason, usage)
+                    final = Event(seq, delta.text, delta.token_ids, delta.finish_reason, usage)
                     return await self._finish(job, JobStatus.succeeded, final)
         except EngineRequestError as exc:
             error = {"message": str(exc), "type": "invalid_request_error", "code": exc.code,
                      "param": exc.param, "status": 400}
-            await self._finish(job, JobStatus.failed, Event(0, finish_reason="error", error=error))
+            await self._finish(job, JobStatus.failed, Event(seq, finish_reason="error", error=error))
             return "failed"
         raise RuntimeError("engine ended a request without a finish reason")
 
@@ -390,7 +390,7 @@ class Worker:
                 elif item.finish:
                     status, event = item.finish
                     await self.store.finish(job.job_id, status, event, worker=self.name,
-                                            attempt=job.attempt, client=pipe)
+                                            attempt=job.attempt, expected_seq=event.seq, client=pipe)
             results = await pipe.execute()
         for item, ok in zip(batches, results, strict=True):
             if item.done is not None and not item.done.done():
