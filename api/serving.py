@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from api.protocol import APIError, ChatCompletionRequest, CompletionRequest, JobOptions, Limits
-from api.relay import EventHub, RedisUnavailable, Subscription
+from api.relay import EventHub, Subscription
 from api.sse import DONE, sse
 from shared import metrics, webhooks
 from shared.events import Event
@@ -298,5 +298,3 @@ def _full_response(body: GenerationRequest, spec: JobSpec, events: list[Event]) 
     return {"id": spec.id, "object": obj, "created": int(spec.created_at), "model": spec.model,
             "choices": [choice], "usage": final.usage or {}}
 
-
-__all__ = ["APIError", "JobStatus", "RedisUnavailable", "Serving", "owner_of"]

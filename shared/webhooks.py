@@ -21,7 +21,7 @@ from arq import Retry, cron
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import Redis
 
-from shared.jobs import JobSpec, JobStatus, JobStore
+from shared.jobs import JobSpec, JobStatus, JobStore, lanes
 from shared.keys import GROUP, Keys
 from shared.settings import Settings, get_settings
 from shared.views import job_view
@@ -103,8 +103,7 @@ async def sweep_expired(ctx: dict[str, Any]) -> int:
     keys: Keys = store.keys
     swept = 0
     for model in await store.redis.smembers(keys.models):
-        for lane in ("high", "normal", "low"):
-            stream = keys.jobs(model.decode(), lane)
+        for stream in lanes(keys, model.decode()):
             for _, fields in await store.redis.xrange(stream, count=1000):
                 job = await store.get(fields[b"id"].decode())
                 if not job or job["status"] != "queued":
@@ -124,8 +123,7 @@ async def trim_streams(ctx: dict[str, Any]) -> None:
     keys = store.keys
     for model in await store.redis.smembers(keys.models):
         await store.redis.xtrim(keys.dead(model.decode()), maxlen=10_000, approximate=True)
-        for lane in ("high", "normal", "low"):
-            stream = keys.jobs(model.decode(), lane)
+        for stream in lanes(keys, model.decode()):
             try:
                 consumers = await store.redis.xinfo_consumers(stream, GROUP)
             except Exception:
