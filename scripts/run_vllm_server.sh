@@ -47,7 +47,7 @@ args=(
     --served-model-name "${SERVED_MODEL_NAME:-smollm2-135m-instruct}"
     --host "${HOST:-127.0.0.1}"
     --port "$PORT"
-    --dtype float32
+    --dtype "${VLLM_DTYPE:-float32}"
     --max-model-len "${MAX_MODEL_LEN:-2048}"
     --enforce-eager
     --disable-uvicorn-access-log

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     use_flash_attention: bool = False
     load_in_8bit: bool = False
+    cpu_lanes: int = Field(0, ge=0, le=2)  # transformers on CPU: threads splitting each batch; 0 = auto (2 on 2 cores)
     upstream_url: str = ""  # openai engine: base URL of an OpenAI-compatible server (…/v1)
     upstream_api_key: str = ""
     upstream_model: str = ""  # model name at the upstream; defaults to MODEL

@@ -28,17 +28,21 @@ Design (measured with ``scripts/bench_engine.py``):
   a transformers cache.
 * CPU weights: with ``DTYPE=auto`` (or ``float16``) the linear layers (lm_head
   included) keep float16 weights packed for fbgemm's fp16-weight/fp32-activation
-  GEMM: 2x faster than float32 GEMMs at decode batch sizes on this AVX2 CPU,
-  float32 accumulation, same greedy outputs as float32 (the default model comes
-  from a 4-bit GGUF). bfloat16 is 3-6x slower here (no native bf16) and is used
-  only when asked for. ``LOAD_IN_8BIT`` on CPU: torch dynamic int8 (per-channel).
-  Intra-op threads: all cores but one (see :func:`_cpu_threads`).
+  GEMM (2x faster than float32 GEMMs at decode batch sizes, float32
+  accumulation; the default model comes from a 4-bit GGUF). On CPUs with native
+  bf16 (AVX512-BF16, AMX) and ``DTYPE=auto``, GEMMs of 5 rows or more (prefill,
+  big decode batches) run on a oneDNN bfloat16 copy instead: twice the
+  multiply-adds per cycle (:class:`_PackedLinear`). ``DTYPE=bfloat16`` runs the
+  whole model in bfloat16. ``LOAD_IN_8BIT`` on CPU: torch dynamic int8 (per-channel).
+  Intra-op threads: all cores but one (see :func:`_cpu_threads`); on 2 cores, two
+  lanes split each batch instead (:func:`_cpu_lanes`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import importlib.util
 import itertools
 import logging
@@ -69,6 +73,7 @@ _PREFILL_TOKEN_BUDGET = 512  # prompt tokens per prefill forward; longer prompts
 _PREFIX_CACHE_BYTES = 128 * 2**20  # reusable prompt-prefix keys/values kept by the engine
 _DETOK_CONTEXT = 6  # prompt tokens kept as decoding context (leading-space handling of sentencepiece)
 _MAX_PENDING_TOKENS = 8  # tokens held back waiting for a multi-byte character to complete
+_LANE_MIN_ROWS = 4  # a decode batch this big is split over the lanes (see _cpu_lanes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,10 +128,10 @@ class _SlotCache:
 class _Decode:
     """One decode step: row i holds its new token at position ``pos[i]``; keys up to ``kv_len``."""
 
-    def __init__(self, cache: _SlotCache, pos: torch.Tensor, kv_len: int, dtype):
+    def __init__(self, cache: _SlotCache, pos: torch.Tensor, kv_len: int, dtype, first: int = 0):
         n = pos.shape[0]
-        self.cache, self.pos, self.kv_len = cache, pos, kv_len
-        self.rows = torch.arange(n, device=pos.device)
+        self.cache, self.pos, self.kv_len, self.first = cache, pos, kv_len, first
+        self.rows = torch.arange(first, first + n, device=pos.device)
         visible = torch.arange(kv_len, device=pos.device)[None, :] <= pos[:, None]
         self.mask = torch.zeros(n, 1, 1, kv_len, dtype=dtype, device=pos.device)
         self.mask.masked_fill_(~visible[:, None, None, :], float("-inf"))
@@ -137,8 +142,8 @@ class _Decode:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         kc[self.rows, :, self.pos] = k[:, :, 0]
         vc[self.rows, :, self.pos] = v[:, :, 0]
-        keys = kc[:n, :, : self.kv_len]
-        values = vc[:n, :, : self.kv_len]
+        keys = kc[self.first : self.first + n, :, : self.kv_len]
+        values = vc[self.first : self.first + n, :, : self.kv_len]
         # GQA without repeating keys: the query heads of one kv head form the "query length" dim.
         qg = q.reshape(n, kvh, hq // kvh, d)
         scores = torch.matmul(qg, keys.transpose(-1, -2))
@@ -368,37 +373,68 @@ def _register_attention() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class _Fp16PackedLinear(nn.Module):
-    """A linear layer with the weight packed as float16 for fbgemm (float32 in, float32 accumulate/out).
+class _PackedLinear(nn.Module):
+    """A linear layer for the CPU: float32 in and out, the weight packed once for the GEMM libraries.
 
-    fbgemm's fp16 GEMM is single-threaded. With several threads, a float32 copy
-    of the weight is kept too and used (MKL, multi-threaded) from ``dense_min_rows``
-    input rows on, as measured at start-up by :func:`_calibrate_dense_rows`.
+    Few rows (decode): fbgemm's GEMM over a float16 copy of the weight, which
+    streams half the bytes of float32 and accumulates in float32; it is
+    single-threaded. From ``big_min_rows`` rows on (prefill, big decode
+    batches) a second copy does the work, set at load by ``big``:
+
+    * ``"bf16"``: a oneDNN-packed bfloat16 weight, on CPUs with native bf16 dot
+      products (AVX512-BF16, AMX), which do twice the multiply-adds per cycle of
+      float32 FMAs. Measured on one Zen 4 core, the 135M model's GEMMs take
+      510 ms for 512 rows (fbgemm: 1036) but stream cold weights slower, so
+      fbgemm stays for 1-4 rows.
+    * ``"fp32"``: a float32 weight for MKL, which runs multi-threaded; the row
+      count from which it wins is measured at start-up (:func:`_calibrate_dense_rows`).
+
+    A row's result depends on which path its GEMM took, so greedy output can
+    differ in rare near-ties with the batch composition (as on every batched server).
     """
 
-    dense_min_rows = 1 << 30
+    big_min_rows = 1 << 30
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_dense: bool):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, big: str = ""):
         super().__init__()
         weight = weight.detach().float().contiguous()
         self.out_features, self.in_features = weight.shape
         self.packed = torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(weight)
-        self.has_bias = bias is not None
         self.bias_ = bias.detach().float() if bias is not None else torch.zeros(self.out_features)
-        self.dense = weight if keep_dense else None
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, keep_dense: bool) -> _Fp16PackedLinear:
-        return cls(linear.weight, linear.bias, keep_dense)
+        self.bias = bias.detach().float() if bias is not None else None
+        self.bf16 = torch.ops.mkldnn._reorder_linear_weight(weight.bfloat16(), 1) if big == "bf16" else None
+        self.dense = weight if big == "fp32" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.dense is not None and x2.shape[0] >= self.dense_min_rows:
-            out = F.linear(x2, self.dense, self.bias_ if self.has_bias else None)
+        if x2.shape[0] < self.big_min_rows:
+            out = torch.ops.aten.fbgemm_linear_fp16_weight(x2, self.packed, self.bias_)
+        elif self.bf16 is not None:
+            out = torch.ops.mkldnn._linear_pointwise(x2.bfloat16(), self.bf16, None, "none", [], "").float()
+            if self.bias is not None:
+                out += self.bias
         else:
-            out = torch.ops.aten.fbgemm_linear_fp16_weight(x2.float(), self.packed, self.bias_)
+            assert self.dense is not None, "big_min_rows is set only together with a big copy"
+            out = F.linear(x2, self.dense, self.bias)
         return out.view(*shape[:-1], self.out_features)
+
+
+_BF16_MIN_ROWS = 5  # measured: oneDNN bf16 beats fbgemm fp16 from 5 rows on, cold weights (Zen 4)
+
+
+def _mkldnn_bf16_available() -> bool:
+    """oneDNN bf16 GEMMs with pre-packed weights, on a CPU that does bf16 natively."""
+    if not (_cpu_has_native_bf16() and torch.backends.mkldnn.is_available()):
+        return False
+    try:
+        w = torch.randn(8, 16)
+        x = torch.randn(2, 16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 1)
+        out = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), packed, None, "none", [], "").float()
+        return bool(torch.allclose(out, x @ w.t(), rtol=3e-2, atol=3e-2))
+    except Exception:
+        return False
 
 
 class _DenseLinear(nn.Module):
@@ -450,7 +486,7 @@ def _fbgemm_fp16_available() -> bool:
         return False
 
 
-def _pack_linears_fp16(model: nn.Module, keep_dense: bool) -> int:
+def _pack_linears(model: nn.Module, pack: Callable[[nn.Linear], nn.Module]) -> int:
     import warnings
 
     count = 0
@@ -459,7 +495,7 @@ def _pack_linears_fp16(model: nn.Module, keep_dense: bool) -> int:
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
-                    setattr(parent, name, _Fp16PackedLinear.from_linear(child, keep_dense))
+                    setattr(parent, name, pack(child))
                     count += 1
     return count
 
@@ -730,6 +766,7 @@ class _Runner:
         flash: bool,
         prefix_cache_bytes: int = 0,
         fast: _FastDecoder | None = None,
+        lanes: int = 1,
     ):
         self.model = model
         self.fast = fast
@@ -760,6 +797,8 @@ class _Runner:
         self.reused_tokens = 0
         self.prefix: _PrefixCache | None = _PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._out: dict[asyncio.AbstractEventLoop, list[tuple[_Seq, Any]]] = {}
+        # A second thread that runs part of each batch (see _cpu_lanes)
+        self.lane = concurrent.futures.ThreadPoolExecutor(1, "hf-lane") if lanes > 1 else None
         self.thread = threading.Thread(target=self._main, name="hf-engine", daemon=True)
 
     # --- called from the event loop ---------------------------------------------------------
@@ -820,6 +859,8 @@ class _Runner:
                 self.active = []
             self._fail(leftover, _EngineDead("the transformers engine stopped"))
             self._flush()
+            if self.lane is not None:
+                self.lane.shutdown(wait=False)
 
     def _admit(self, budget: int) -> list[_Seq]:
         """Take waiting requests into free slots while prefill budget is left (called with the lock held)."""
@@ -873,19 +914,17 @@ class _Runner:
         seq.row = -1
 
     def _prefill(self, work: list[tuple[_Seq, int]]) -> None:
-        cached = [seq.cache_len for seq, _ in work]
         new = [end - seq.cache_len for seq, end in work]
-        dev = self.device
-        batch = _Prefill(self.cache, [seq.row for seq, _ in work], cached, new, self.flash)
-        ids = [t for seq, end in work for t in seq.inputs[seq.cache_len : end]]
-        done = [i for i, (seq, end) in enumerate(work) if end == len(seq.inputs)]
-        ends = list(itertools.accumulate(new))
-        # logits only where a prompt ends (at least one row: an all-chunks forward ignores it)
-        keep = torch.tensor([ends[i] - 1 for i in done] or [ends[-1] - 1], dtype=torch.long, device=dev)
-        logits = self._run_model(batch, torch.tensor(ids, dtype=torch.long, device=dev), batch.q_pos, keep)
+        if self.lane is not None and len(work) >= 2:  # two groups of prompts, one per core
+            ends = list(itertools.accumulate(new))
+            cut = min(range(1, len(work)), key=lambda i: abs(2 * ends[i - 1] - ends[-1]))
+            other = self.lane.submit(self._prefill_rows, work[cut:])
+            parts = [self._prefill_rows(work[:cut]), other.result()]
+        else:
+            parts = [self._prefill_rows(work)]
         for seq, end in work:
             seq.cache_len = end
-        finished = [work[i][0] for i in done]
+        finished = [seq for seq, end in work if end == len(seq.inputs)]
         for seq in finished:
             seq.ready = True
             if self.prefix is not None:
@@ -893,7 +932,23 @@ class _Runner:
         self.prefill_tokens += sum(new)
         self.reused_tokens += sum(seq.reused for seq in finished)
         if finished:
+            logits = torch.cat([part for part in parts if part is not None])
             self._accept(finished, self._sample(logits, finished))
+
+    def _prefill_rows(self, work: list[tuple[_Seq, int]]) -> torch.Tensor | None:
+        """One forward over these prompts' next tokens: logits where a prompt ends, if any does."""
+        with torch.inference_mode():
+            cached = [seq.cache_len for seq, _ in work]
+            new = [end - seq.cache_len for seq, end in work]
+            dev = self.device
+            batch = _Prefill(self.cache, [seq.row for seq, _ in work], cached, new, self.flash)
+            ids = [t for seq, end in work for t in seq.inputs[seq.cache_len : end]]
+            done = [i for i, (seq, end) in enumerate(work) if end == len(seq.inputs)]
+            ends = list(itertools.accumulate(new))
+            # logits only where a prompt ends (at least one row: an all-chunks forward ignores it)
+            keep = torch.tensor([ends[i] - 1 for i in done] or [ends[-1] - 1], dtype=torch.long, device=dev)
+            logits = self._run_model(batch, torch.tensor(ids, dtype=torch.long, device=dev), batch.q_pos, keep)
+            return logits if done else None
 
     def _decode_step(self) -> None:
         """One token for every decoding sequence.
@@ -902,14 +957,13 @@ class _Runner:
         prefill position (overwritten by their next chunk); their output is ignored.
         """
         seqs = list(self.active)
-        dev = self.device
-        pos = torch.tensor([s.cache_len for s in seqs], dtype=torch.long)
-        kv_len = int(pos.max()) + 1
-        self.cache.ensure(kv_len)
-        pos = pos.to(dev)
-        batch = _Decode(self.cache, pos, kv_len, self.dtype)
-        input_ids = torch.tensor([s.last_token if s.ready else 0 for s in seqs], dtype=torch.long, device=dev)
-        logits = self._run_model(batch, input_ids, pos, None)
+        self.cache.ensure(max(s.cache_len for s in seqs) + 1)
+        if self.lane is not None and len(seqs) >= _LANE_MIN_ROWS:  # two halves of the batch, one per core
+            half = (len(seqs) + 1) // 2
+            other = self.lane.submit(self._decode_rows, seqs[half:], half)
+            logits = torch.cat([self._decode_rows(seqs[:half], 0), other.result()])
+        else:
+            logits = self._decode_rows(seqs, 0)
         ready = [i for i, s in enumerate(seqs) if s.ready]
         if len(ready) < len(seqs):
             logits = logits[ready]
@@ -918,6 +972,17 @@ class _Runner:
             s.cache_len += 1
         self._accept(seqs, self._sample(logits, seqs))
         self.steps += 1
+
+    def _decode_rows(self, seqs: list[_Seq], first: int) -> torch.Tensor:
+        """Logits of one decode step for ``seqs``, which sit in the cache rows from ``first`` on."""
+        with torch.inference_mode():
+            dev = self.device
+            pos = torch.tensor([s.cache_len for s in seqs], dtype=torch.long)
+            kv_len = int(pos.max()) + 1
+            pos = pos.to(dev)
+            batch = _Decode(self.cache, pos, kv_len, self.dtype, first)
+            input_ids = torch.tensor([s.last_token if s.ready else 0 for s in seqs], dtype=torch.long, device=dev)
+            return self._run_model(batch, input_ids, pos, None)
 
     def _run_model(self, batch, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """Logits ``[rows, vocab]``: one row per decoded sequence, or one per ``keep`` index of a prefill."""
@@ -1067,6 +1132,7 @@ class _Loaded:
     max_len: int
     eos_ids: set[int]
     fast: _FastDecoder | None = None
+    lanes: int = 1
 
 
 class TransformersEngine(Engine):
@@ -1100,6 +1166,7 @@ class TransformersEngine(Engine):
             loaded.flash,
             _PREFIX_CACHE_BYTES,
             loaded.fast,
+            loaded.lanes,
         )
         runner.thread.start()
         self._runner = runner
@@ -1309,20 +1376,34 @@ def _make_decode(tokenizer) -> Callable[[list[int]], str]:
 # --------------------------------------------------------------------------------------------
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _cpu_threads() -> int:
     """Intra-op threads for the model: all cores but one.
 
     The spare core runs the event loop (Redis I/O, detokenization) and, on small
-    hosts, the API and Redis. Measured on a 2-core host: 1 thread is never slower
-    here (decode GEMMs are single-threaded fbgemm calls) and OpenMP with 2
-    threads on 2 busy cores is 2-10x slower (spinning barriers).
-    Set OMP_NUM_THREADS to override.
+    hosts, the API and Redis. Measured on a 2-core host: OpenMP with 2 threads on
+    2 busy cores is 2-10x slower (spinning barriers stall whenever the API or
+    Redis takes a core). Set OMP_NUM_THREADS to override.
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return max(1, _cores() - 1)
+
+
+def _cpu_lanes(settings: Settings) -> int:
+    """Threads that each run part of a batch: prefill splits the waiting prompts in two, decode
+    the batch from ``_LANE_MIN_ROWS`` sequences on. Auto (``CPU_LANES=0``): 2 when the model
+    runs one intra-op thread on a host with more cores, i.e. on 2-core hosts, where the second
+    core then works without OpenMP barriers (a lane that loses its core for a moment delays
+    only itself). Measured there, 8 streams: 180 output tok/s with 2 lanes, 152 with 1.
+    """
+    if settings.cpu_lanes:
+        return settings.cpu_lanes
+    return 2 if torch.get_num_threads() == 1 and _cores() >= 2 else 1
 
 
 def _load(settings: Settings) -> _Loaded:
@@ -1338,10 +1419,11 @@ def _load(settings: Settings) -> _Loaded:
     cuda = device.type == "cuda"
     if not cuda and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(_cpu_threads())
+    lanes = 1 if cuda else _cpu_lanes(settings)
 
     requested = settings.dtype
     notes: list[str] = []
-    pack_fp16 = False
+    packed = False  # CPU GEMMs with float32 activations over packed weights (_PackedLinear)
     if cuda:
         if requested == "auto":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -1350,8 +1432,8 @@ def _load(settings: Settings) -> _Loaded:
     else:
         if requested in ("auto", "float16"):
             dtype = torch.float32
-            pack_fp16 = not settings.load_in_8bit and _fbgemm_fp16_available()
-            if requested == "float16" and not pack_fp16:
+            packed = not settings.load_in_8bit and _fbgemm_fp16_available()
+            if requested == "float16" and not packed:
                 notes.append("float16 requested on CPU: fbgemm unavailable, using float32")
         elif requested == "bfloat16":
             dtype = torch.bfloat16
@@ -1387,26 +1469,31 @@ def _load(settings: Settings) -> _Loaded:
     model.requires_grad_(False)
 
     weights = str(dtype).removeprefix("torch.")
-    keep_dense = False
-    if pack_fp16 and torch.get_num_threads() > 1:  # MKL runs float32 GEMMs multi-threaded; fbgemm does not
+    big = ""  # the second weight copy of _PackedLinear, for many rows
+    if packed and requested == "auto" and _mkldnn_bf16_available():
+        big, _PackedLinear.big_min_rows = "bf16", _BF16_MIN_ROWS
+    elif packed and torch.get_num_threads() > 1:  # MKL runs float32 GEMMs multi-threaded; fbgemm does not
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rows = _calibrate_dense_rows(2 * getattr(model.config, "intermediate_size", 4096), model.config.hidden_size)
-        keep_dense = rows < 1 << 30
-        _Fp16PackedLinear.dense_min_rows = rows
+        big, _PackedLinear.big_min_rows = ("fp32", rows) if rows < 1 << 30 else ("", rows)
         notes.append(
             f"float32 MKL GEMMs from {rows} rows on (measured faster with {torch.get_num_threads()} threads)"
-            if keep_dense
+            if big
             else f"fbgemm float16 GEMMs measured faster than float32 MKL with {torch.get_num_threads()} threads"
         )
+    if big == "bf16":
+        packing = f"fbgemm-packed float16 weights below {_BF16_MIN_ROWS} rows, oneDNN bfloat16 (native) from there"
+    else:
+        packing = "fbgemm-packed float16 weights"
     fast = None
     if not quantized8 and not (settings.load_in_8bit and not cuda) and _FastDecoder.supports(model):
-        if pack_fp16:
+        if packed:
 
             def make_linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
-                return _Fp16PackedLinear(w, b, keep_dense)
+                return _PackedLinear(w, b, big)
 
         else:
 
@@ -1425,8 +1512,9 @@ def _load(settings: Settings) -> _Loaded:
         else:
             notes.append(f"lean forward rejected ({error}): using the transformers forward")
     if fast is not None:
-        packing = "fbgemm-packed float16 weights" if pack_fp16 else f"{weights} weights"
-        weights = f"{'float32 activations, ' if pack_fp16 else ''}fused q/k/v and gate/up GEMMs with {packing}"
+        weights = "fused q/k/v and gate/up GEMMs with " + (
+            f"float32 activations, {packing}" if packed else f"{weights} weights"
+        )
     elif not cuda and settings.load_in_8bit:
         from torch.ao.quantization import per_channel_dynamic_qconfig
 
@@ -1437,10 +1525,9 @@ def _load(settings: Settings) -> _Loaded:
             "LOAD_IN_8BIT on CPU: int8 weights take half the memory of the default fbgemm float16 path but were "
             "measured no faster on AVX2 and change outputs; leave it off unless memory is short"
         )
-    elif pack_fp16:
-        # With several threads MKL runs float32 prefill GEMMs in parallel; fbgemm is single-threaded.
-        n = _pack_linears_fp16(model, keep_dense=keep_dense)
-        weights = f"float32 activations, {n} Linear layers with fbgemm-packed float16 weights"
+    elif packed:
+        n = _pack_linears(model, lambda linear: _PackedLinear(linear.weight, linear.bias, big))
+        weights = f"float32 activations, {n} Linear layers with {packing}"
     elif quantized8:
         weights += ", bitsandbytes int8"
 
@@ -1476,7 +1563,7 @@ def _load(settings: Settings) -> _Loaded:
     log.info("loaded %s in %.1f s: %s", path, time.monotonic() - started, summary)
     for note in notes:
         log.warning("%s", note)
-    return _Loaded(model, tokenizer, device, path, summary, flash, max_len, eos, fast)
+    return _Loaded(model, tokenizer, device, path, summary, flash, max_len, eos, fast, lanes)
 
 
 def _check_fast_decoder(model, fast: _FastDecoder, device: torch.device) -> str | None:
@@ -1499,7 +1586,8 @@ def _check_fast_decoder(model, fast: _FastDecoder, device: torch.device) -> str 
     got = torch.cat([got, last])
     scale = ref.abs().max().item()
     err = (got - ref).abs().max().item()
-    tolerance = 2e-2 if fast.embed.dtype == torch.float32 else 6e-2
+    bf16 = fast.embed.dtype != torch.float32 or getattr(fast.layers[0].qkv, "bf16", None) is not None
+    tolerance = 6e-2 if bf16 else 2e-2
     if not err <= tolerance * max(1.0, scale):
         return f"max logit difference {err:.3g} (scale {scale:.3g})"
     log.info("lean forward matches transformers: max logit difference %.2g (logit scale %.3g)", err, scale)
