@@ -135,6 +135,9 @@ class _Decode:
         visible = torch.arange(kv_len, device=pos.device)[None, :] <= pos[:, None]
         self.mask = torch.zeros(n, 1, 1, kv_len, dtype=dtype, device=pos.device)
         self.mask.masked_fill_(~visible[:, None, None, :], float("-inf"))
+        # attend_flat works on [rows * kv_heads, ...] matrices (views of the cache: no copies)
+        self.mask3 = self.mask.expand(n, cache.kv_heads, 1, kv_len).reshape(n * cache.kv_heads, 1, kv_len)
+        self.span = slice(first, first + n)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap) -> Any:
         n, hq, _, d = q.shape
@@ -156,9 +159,19 @@ class _Decode:
         return out.reshape(n, 1, hq, d)
 
     def attend_flat(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Any:
-        """``q [n, heads, d]``, ``k``/``v`` ``[n, kv_heads, d]`` -> ``[n, heads * d]``."""
-        out = self.attend(layer, q[:, :, None], k[:, :, None], v[:, :, None], scale, None)
-        return out.reshape(q.shape[0], -1)
+        """``q [n, heads, d]``, ``k``/``v`` ``[n, kv_heads, d]`` -> ``[n, heads * d]``, in 6 ops."""
+        n, hq, d = q.shape
+        kvh = k.shape[1]
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        kc[self.rows, :, self.pos] = k
+        vc[self.rows, :, self.pos] = v
+        keys = kc[self.span, :, : self.kv_len].reshape(n * kvh, self.kv_len, d)
+        values = vc[self.span, :, : self.kv_len].reshape(n * kvh, self.kv_len, d)
+        # GQA without repeating keys: the query heads of one kv head are the rows of one matrix.
+        scores = torch.baddbmm(self.mask3, q.reshape(n * kvh, hq // kvh, d), keys.transpose(1, 2), alpha=scale)
+        if scores.dtype != torch.float32:
+            return torch.bmm(torch.softmax(scores.float(), -1).to(values.dtype), values).view(n, hq * d)
+        return torch.bmm(torch.softmax(scores, -1), values).view(n, hq * d)
 
 
 class _Prefill:
@@ -593,20 +606,20 @@ class _FastDecoder:
         cos = cos[0][:, None, :]
         sin = (sin[0] * self.sign)[:, None, :]
         qk_width = (hq + kvh) * d
+        shape, eps, inter = (self.hidden,), self.eps, self.inter
+        # Modules are called through .forward and rms_norm as torch.rms_norm: per-call Python
+        # overhead is a good part of a small batch's step, and with two lanes it holds the GIL.
         for i, layer in enumerate(self.layers):
-            h = F.rms_norm(x, (self.hidden,), layer.ln1, self.eps)
-            qkv = layer.qkv(h)
+            qkv = layer.qkv.forward(torch.rms_norm(x, shape, layer.ln1, eps))
             qk = qkv[:, :qk_width].view(n, hq + kvh, d)
             qk = torch.addcmul(qk * cos, torch.roll(qk, d // 2, -1), sin)
-            v = qkv[:, qk_width:].view(n, kvh, d)
-            attn = batch.attend_flat(i, qk[:, :hq], qk[:, hq:], v, self.scale)
-            x = x + layer.o(attn)
-            h = F.rms_norm(x, (self.hidden,), layer.ln2, self.eps)
-            gu = layer.gate_up(h)
-            x = x + layer.down(F.silu(gu[:, : self.inter]) * gu[:, self.inter :])
+            attn = batch.attend_flat(i, qk[:, :hq], qk[:, hq:], qkv[:, qk_width:].view(n, kvh, d), self.scale)
+            x.add_(layer.o.forward(attn))
+            gu = layer.gate_up.forward(torch.rms_norm(x, shape, layer.ln2, eps))
+            x.add_(layer.down.forward(torch.mul(F.silu(gu[:, :inter], inplace=True), gu[:, inter:])))
         if keep is not None:
             x = x[keep]
-        return self.lm_head(F.rms_norm(x, (self.hidden,), self.norm, self.eps))
+        return self.lm_head.forward(torch.rms_norm(x, shape, self.norm, eps))
 
     def drop_model_weights(self, model) -> None:
         """The fused copies replace the layers' own linear weights: free those."""
