@@ -387,3 +387,33 @@ async def test_transformers_forward_fallback(settings, monkeypatch):
         assert "Paris" in batched[0][0]
     finally:
         await eng.close()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+async def test_scripted_decode_step_equals_the_python_one(engine, rows):
+    """The TorchScript decode layers (no GIL, for the lanes) do exactly the lean forward's math."""
+    import torch
+
+    from worker.engines import hf
+
+    fast = engine._runner.fast
+    assert fast is not None and fast.script is not None  # CPU, packed weights: the scripted path is on
+    results = []
+    for script in (fast.script, None):
+        cache = hf._SlotCache(len(fast.layers), rows, fast.kv_heads, fast.head_dim, 128, torch.float32,
+                              torch.device("cpu"))
+        generator = torch.Generator().manual_seed(0)
+        for k, v in zip(cache.k, cache.v, strict=True):
+            k.normal_(generator=generator)
+            v.normal_(generator=generator)
+        saved, fast.script = fast.script, script
+        try:
+            with torch.inference_mode():
+                pos = torch.arange(rows) + 40
+                ids = torch.arange(rows) * 7 + 3
+                logits = fast.forward(hf._Decode(cache, pos, 41 + rows, torch.float32), ids, pos, None)
+        finally:
+            fast.script = saved
+        results.append((logits, cache.k[0].clone(), cache.v[-1].clone()))
+    (a, ka, va), (b, kb, vb) = results
+    assert torch.equal(a, b) and torch.equal(ka, kb) and torch.equal(va, vb)

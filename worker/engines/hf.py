@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.settings import Settings
+from worker.engines import hf_script
 from worker.engines.base import Delta, Engine, EngineRequestError, FinishReason, GenerationRequest
 from worker.engines.hf_loader import materialize
 
@@ -73,7 +74,7 @@ _PREFILL_TOKEN_BUDGET = 512  # prompt tokens per prefill forward; longer prompts
 _PREFIX_CACHE_BYTES = 128 * 2**20  # reusable prompt-prefix keys/values kept by the engine
 _DETOK_CONTEXT = 6  # prompt tokens kept as decoding context (leading-space handling of sentencepiece)
 _MAX_PENDING_TOKENS = 8  # tokens held back waiting for a multi-byte character to complete
-_LANE_MIN_ROWS = 4  # a decode batch this big is split over the lanes (see _cpu_lanes)
+_LANE_MIN_ROWS = 3  # a decode batch this big is split over the lanes (see _cpu_lanes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,6 +576,28 @@ class _FastDecoder:
                     down=make_linear(m.down_proj.weight, m.down_proj.bias),
                 )
             )
+        self.script = self._script_inputs()
+
+    def _script_inputs(self) -> dict[str, Any] | None:
+        """The weights as flat lists for :func:`hf_script.decode_layers`, when every GEMM is a _PackedLinear."""
+        linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        if not all(isinstance(lin, _PackedLinear) for lin in linears) or self.embed.device.type != "cpu":
+            return None
+        first = linears[0]
+        big = hf_script.BIG_BF16 if first.bf16 is not None else hf_script.BIG_FP32 if first.dense is not None else 0
+        return {
+            "norms": [w for layer in self.layers for w in (layer.ln1, layer.ln2)],
+            "fp16": [lin.packed for lin in linears],
+            "big_w": [lin.bf16 if lin.bf16 is not None else lin.dense if lin.dense is not None else lin.bias_
+                      for lin in linears],
+            "biases": [lin.bias_ for lin in linears],
+            "has_bias": any(lin.bias is not None for lin in linears),
+            "big": big,
+            "dims": [self.heads, self.kv_heads, self.head_dim, self.inter, self.hidden],
+            "eps": self.eps,
+            "scale": self.scale,
+            "fn": hf_script.scripted_decode_layers(),
+        }
 
     @classmethod
     def supports(cls, model) -> bool:
@@ -607,6 +630,9 @@ class _FastDecoder:
         sin = (sin[0] * self.sign)[:, None, :]
         qk_width = (hq + kvh) * d
         shape, eps, inter = (self.hidden,), self.eps, self.inter
+        if self.script is not None and isinstance(batch, _Decode):
+            x = self._script_layers(batch, x, cos, sin)
+            return self.lm_head.forward(torch.rms_norm(x, shape, self.norm, eps))
         # Modules are called through .forward and rms_norm as torch.rms_norm: per-call Python
         # overhead is a good part of a small batch's step, and with two lanes it holds the GIL.
         for i, layer in enumerate(self.layers):
@@ -620,6 +646,15 @@ class _FastDecoder:
         if keep is not None:
             x = x[keep]
         return self.lm_head.forward(torch.rms_norm(x, shape, self.norm, eps))
+
+    def _script_layers(self, batch: _Decode, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        s = self.script
+        assert s is not None
+        big = s["big"] if x.shape[0] >= _PackedLinear.big_min_rows else 0
+        cache = batch.cache
+        return s["fn"](x, cos, sin, s["norms"], s["fp16"], s["big_w"], s["biases"], s["has_bias"], big, cache.k,
+                       cache.v, batch.rows, batch.pos, batch.first, batch.kv_len, batch.mask3, s["dims"], s["eps"],
+                       s["scale"])
 
     def drop_model_weights(self, model) -> None:
         """The fused copies replace the layers' own linear weights: free those."""
