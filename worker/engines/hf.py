@@ -74,6 +74,8 @@ _PREFILL_TOKEN_BUDGET = 512  # prompt tokens per prefill forward; longer prompts
 _PREFIX_CACHE_BYTES = 128 * 2**20  # reusable prompt-prefix keys/values kept by the engine
 _DETOK_CONTEXT = 6  # prompt tokens kept as decoding context (leading-space handling of sentencepiece)
 _MAX_PENDING_TOKENS = 8  # tokens held back waiting for a multi-byte character to complete
+_BURST_GAP_S = 0.003  # an idle engine takes requests arriving this close together as one burst
+_BURST_MAX_S = 0.020  # ... for at most this long
 _LANE_MIN_ROWS = 3  # a decode batch this big is split over the lanes (see _cpu_lanes)
 
 
@@ -880,6 +882,8 @@ class _Runner:
                     with self.cv:
                         while not self.stopping and not self.pending and not self.active:
                             self.cv.wait()
+                        if not self.active:
+                            self._gather_burst()
                         if self.stopping:
                             break
                         continuing = sum(len(s.inputs) - s.cache_len for s in self.active if not s.ready)
@@ -909,6 +913,24 @@ class _Runner:
             self._flush()
             if self.lane is not None:
                 self.lane.shutdown(wait=False)
+
+    def _gather_burst(self) -> None:
+        """An idle engine waits a moment while requests keep arriving (called with the lock held).
+
+        A burst of requests reaches the engine over a few milliseconds (each is read,
+        started and tokenized in turn). Prefilling the first alone would make the
+        rest wait for it; taken together, they are prefilled at once, over both
+        lanes. Costs a lone request ``_BURST_GAP_S``.
+        """
+        deadline = time.monotonic() + _BURST_MAX_S
+        while not self.stopping and len(self.pending) < self.max_batch:
+            seen = len(self.pending)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.cv.wait(min(_BURST_GAP_S, left))
+            if len(self.pending) == seen:
+                return
 
     def _admit(self, budget: int) -> list[_Seq]:
         """Take waiting requests into free slots while prefill budget is left (called with the lock held)."""
