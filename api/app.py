@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis.asyncio import Redis
-from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,6 +21,7 @@ from api import jobs
 from api.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from api.relay import RedisUnavailable
 from api.serving import Serving, owner_of
+from api.sse import EventStream
 from shared import metrics
 from shared.jobs import REDIS_DOWN, TERMINAL, JobStatus
 from shared.settings import Settings, get_settings
@@ -84,7 +84,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         if isinstance(result, dict):
             serving.release()
             return result
-        return EventSourceResponse(_releasing(serving, result.body_iterator()), ping=15)
+        return EventStream(_releasing(serving, result.body_iterator()), ping=15)
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, serving: ServingDep, owner: Owner) -> Any:
@@ -125,10 +125,10 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
     async def job_events(job_id: str, serving: ServingDep, owner: Owner,
                          last_event_id: Annotated[int | None, Header(ge=-1)] = None,
-                         after: Annotated[int | None, Query(ge=-1)] = None) -> EventSourceResponse:
+                         after: Annotated[int | None, Query(ge=-1)] = None) -> EventStream:
         await jobs.get_owned(serving, job_id, owner)
         start = after if after is not None else (last_event_id if last_event_id is not None else -1)
-        return EventSourceResponse(jobs.event_stream(serving, job_id, start), ping=15)
+        return EventStream(jobs.event_stream(serving, job_id, start), ping=15)
 
     @app.delete("/v1/jobs/{job_id}", tags=["jobs"])
     async def cancel_job(job_id: str, serving: ServingDep, owner: Owner) -> dict[str, Any]:
