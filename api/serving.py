@@ -119,20 +119,15 @@ class Serving:
         metrics.API_STREAMS_IN_FLIGHT.dec()
 
     async def submit(self, spec: JobSpec) -> Subscription:
-        """Subscribe first, then enqueue: no event can be missed. 429 when the model's queue is full.
-        The queue check and the subscription share one round trip's wait."""
-        queue, sub = await asyncio.gather(self.queue_state(spec.model), self.hub.subscribe(spec.id),
-                                          return_exceptions=True)
-        if isinstance(sub, BaseException):
-            raise sub
+        """Subscribe first, then enqueue: no event can be missed. 429 when the model's queue is full
+        (checked and enqueued in one script)."""
+        sub = await self.hub.subscribe(spec.id)
         try:
-            if isinstance(queue, BaseException):
-                raise queue
-            if queue["depth"] >= self.settings.max_queue_depth:
-                raise APIError(429, f"The queue for `{spec.model}` is full ({queue['depth']} jobs waiting); "
-                               "retry later.", type_="rate_limit_error", code="queue_full",
+            depth = await self.store.enqueue(spec, self.settings.max_queue_depth)
+            if depth is None:
+                raise APIError(429, f"The queue for `{spec.model}` is full ({self.settings.max_queue_depth} jobs "
+                               "waiting); retry later.", type_="rate_limit_error", code="queue_full",
                                headers={"Retry-After": "5"})
-            await self.store.enqueue(spec)
         except BaseException:
             await sub.close()
             raise

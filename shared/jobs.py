@@ -76,6 +76,34 @@ def new_job_id() -> str:
 # ─── Lua scripts ────────────────────────────────────────────────────────────
 # KEYS[1] job hash, KEYS[2] log. ARGV[1] worker, ARGV[2] now, ARGV[3] max attempts.
 # Returns {attempt, status, log length, spec}; attempt 0 = do not run (status says why).
+_ENQUEUE = """
+-- KEYS: job hash, its stream, models set, owner's listing, then all the model's streams
+-- ARGV: max depth, group, model, job id, created_at, listing cutoff, then the hash's field/value pairs
+local depth = 0
+for i = 5, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local length = redis.call('XLEN', KEYS[i])
+    local counted = false
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
+      local f = {}
+      for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
+      if f['name'] == ARGV[2] then
+        counted = true
+        if f['lag'] then depth = depth + f['lag'] else depth = depth + math.max(0, length - f['pending']) end
+      end
+    end
+    if not counted then depth = depth + length end
+  end
+end
+if depth >= tonumber(ARGV[1]) then return {0, depth} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('XADD', KEYS[2], '*', 'id', ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[6])
+return {1, depth}
+"""
+
 _START = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {0, 'missing', 0} end
@@ -152,18 +180,20 @@ class JobStore:
         self.redis = redis
         self.keys = keys
         self.result_ttl = result_ttl
+        self._enqueue = _Script(redis, _ENQUEUE)
         self._start = _Script(redis, _START)
         self._emit = _Script(redis, _EMIT)
         self._finish = _Script(redis, _FINISH)
 
     async def load_scripts(self) -> None:
         """After a Redis restart the script cache is empty: load ours again."""
-        for script in (self._start, self._emit, self._finish):
+        for script in (self._enqueue, self._start, self._emit, self._finish):
             await self.redis.script_load(script.source)
 
     # ── API side ──
-    async def enqueue(self, spec: JobSpec) -> None:
-        """Write the job hash and add it to its model's stream, atomically."""
+    async def enqueue(self, spec: JobSpec, max_depth: int | None = None) -> int | None:
+        """Write the job hash and add it to its model's stream, atomically, unless the model's
+        queue already holds ``max_depth`` waiting jobs. The queue depth before, or None if full."""
         fields = {
             "id": spec.id,
             "status": JobStatus.queued,
@@ -173,14 +203,14 @@ class JobStore:
             "attempts": 0,
             "created_at": spec.created_at,
         }
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.job(spec.id), mapping=fields)
-            pipe.xadd(self.keys.jobs(spec.model, spec.priority), {"id": spec.id})
-            pipe.sadd(self.keys.models, spec.model)
-            listing = self.keys.owner_jobs(spec.owner or "_")
-            pipe.zadd(listing, {spec.id: spec.created_at})
-            pipe.zremrangebyscore(listing, "-inf", spec.created_at - self.result_ttl)
-            await pipe.execute()
+        keys = [self.keys.job(spec.id), self.keys.jobs(spec.model, spec.priority), self.keys.models,
+                self.keys.owner_jobs(spec.owner or "_"), *lanes(self.keys, spec.model)]
+        args: list[Any] = [max_depth or 1 << 62, GROUP, spec.model, spec.id, repr(spec.created_at),
+                           repr(spec.created_at - self.result_ttl)]
+        for name, value in fields.items():
+            args += [name, value if isinstance(value, str) else repr(value)]
+        added, depth = await self._enqueue(keys, args)
+        return int(depth) if added else None
 
     async def get(self, job_id: str) -> dict[str, str] | None:
         raw = await self.redis.hgetall(self.keys.job(job_id))
