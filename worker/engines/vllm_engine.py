@@ -155,9 +155,16 @@ class VllmEngine(Engine):
     # ── lifecycle ────────────────────────────────────────────────────────────
     def _dtype(self) -> str:
         dtype = self.settings.dtype if self.settings.dtype in _DTYPES else "auto"
-        # The materialized checkpoint is float32; bfloat16 ran ~3x slower on this
-        # AVX2-only CPU (no bf16 hardware), so "auto" means float32 here.
-        return "float32" if dtype == "auto" else dtype
+        if dtype != "auto":
+            return dtype
+        # The materialized checkpoint is float32. On a CPU, bfloat16 pays off only with native
+        # bf16 (AVX512-BF16, AMX): measured 158 vs 102 tok/s at 8 streams on Zen 4, while an
+        # AVX2-only CPU ran it ~3x slower than float32.
+        import torch
+
+        if torch.cuda.is_available() or _cpu_has_native_bf16():
+            return "bfloat16"
+        return "float32"
 
     def _engine_args(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -365,3 +372,12 @@ class VllmEngine(Engine):
                     yield Delta(text, ids, None, prompt_tokens, completion)
         finally:
             await release()
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
