@@ -104,6 +104,26 @@ redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[6])
 return {1, depth}
 """
 
+_READ = """
+-- KEYS: a model's streams in the order to read them. ARGV: group, consumer, how many entries.
+-- Reads each stream in turn (XREADGROUP >, no blocking) until enough were found: one round trip.
+local want, out = tonumber(ARGV[3]), {}
+for _, stream in ipairs(KEYS) do
+  if want <= 0 then break end
+  local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', want, 'STREAMS', stream, '>')
+  if reply then
+    for _, item in ipairs(reply[1][2]) do
+      local fields = item[2]
+      for j = 1, #fields, 2 do
+        if fields[j] == 'id' then table.insert(out, {stream, item[1], fields[j + 1]}) end
+      end
+      want = want - 1
+    end
+  end
+end
+return out
+"""
+
 _START = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {0, 'missing', 0} end
@@ -181,13 +201,14 @@ class JobStore:
         self.keys = keys
         self.result_ttl = result_ttl
         self._enqueue = _Script(redis, _ENQUEUE)
+        self._read = _Script(redis, _READ)
         self._start = _Script(redis, _START)
         self._emit = _Script(redis, _EMIT)
         self._finish = _Script(redis, _FINISH)
 
     async def load_scripts(self) -> None:
         """After a Redis restart the script cache is empty: load ours again."""
-        for script in (self._enqueue, self._start, self._emit, self._finish):
+        for script in (self._enqueue, self._read, self._start, self._emit, self._finish):
             await self.redis.script_load(script.source)
 
     # ── API side ──
@@ -228,6 +249,12 @@ class JobStore:
         return ok
 
     # ── worker side ──
+    async def read(self, streams: list[str], consumer: str, count: int) -> list[tuple[str, str, str]]:
+        """Up to ``count`` new entries for ``consumer``, taken from ``streams`` in that order (no
+        waiting): (stream, entry id, job id) each."""
+        reply = await self._read(streams, [GROUP, consumer, count])
+        return [(stream.decode(), entry.decode(), job_id.decode()) for stream, entry, job_id in reply]
+
     async def start(self, job_id: str, worker: str, max_attempts: int) -> tuple[int, str, int, JobSpec | None]:
         """Take the job for one attempt: (attempt, status, events already logged, spec)."""
         attempt, status, log_len, *spec = await self._start(

@@ -208,12 +208,7 @@ class Worker:
         return int(head[0][0].split(b"-")[0]) if head else None
 
     async def _read_entries(self, count: int) -> list[tuple[str, str, str]]:
-        found: list[tuple[str, str, str]] = []
-        for stream in await self._lane_order():
-            if len(found) >= count:
-                break
-            reply = await self.redis.xreadgroup(GROUP, self.name, {stream: ">"}, count=count - len(found))
-            found += _entries(reply)
+        found = await self.store.read(await self._lane_order(), self.name, count)
         if found:
             return found
         # a burst that wakes us is taken whole (per lane; an engine queues the rare extra itself)
