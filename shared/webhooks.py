@@ -18,12 +18,12 @@ from typing import Any
 import httpx
 import orjson
 from arq import Retry, cron
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
 from shared.jobs import JobSpec, JobStatus, JobStore, lanes
 from shared.keys import GROUP, Keys
-from shared.settings import Settings, get_settings
+from shared.settings import Settings
 from shared.views import job_view
 
 log = logging.getLogger("webhooks")
@@ -148,7 +148,7 @@ async def report_dead_letters(ctx: dict[str, Any]) -> dict[str, int]:
 
 
 def arq_worker(settings: Settings, redis: Redis) -> Any:
-    """The arq worker that runs beside the engine loop (or alone: see WorkerSettings)."""
+    """The arq worker that runs beside the engine loop (or alone: see shared/arq_worker.py)."""
     from arq.worker import Worker
 
     store = JobStore(redis, Keys(settings.redis_prefix), settings.result_ttl)
@@ -163,20 +163,3 @@ CRON_JOBS = [
     cron(trim_streams, minute={0, 30}, second=0),
     cron(report_dead_letters, minute=set(range(0, 60, 5)), second=0),
 ]
-
-
-class WorkerSettings:
-    """`arq shared.webhooks.WorkerSettings` runs deliveries and housekeeping apart from the engine workers
-    (set RUN_ARQ=false on those). Settings come from the environment like everything else."""
-
-    functions = [deliver_webhook]
-    cron_jobs = CRON_JOBS
-    queue_name = queue_name(get_settings())
-    redis_settings = RedisSettings.from_dsn(get_settings().redis_url)
-
-    @staticmethod
-    async def on_startup(ctx: dict[str, Any]) -> None:
-        settings = get_settings()
-        redis = Redis.from_url(settings.redis_url)
-        ctx.update(settings=settings, store=JobStore(redis, Keys(settings.redis_prefix), settings.result_ttl),
-                   http=httpx.AsyncClient(timeout=settings.webhook_timeout))
