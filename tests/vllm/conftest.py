@@ -24,7 +24,10 @@ async def vllm_engine() -> AsyncIterator[object]:
     from shared.settings import Settings
     from worker.engines.vllm_engine import VllmEngine
 
-    engine = VllmEngine(Settings(inference_engine="vllm", max_batch_size=BATCH, max_model_len=MAX_MODEL_LEN))
+    # float32: these tests compare outputs token for token (batched vs alone, resumed vs uninterrupted);
+    # vLLM in bfloat16, its default on CPUs with native bf16, is not batch-invariant.
+    engine = VllmEngine(Settings(inference_engine="vllm", max_batch_size=BATCH, max_model_len=MAX_MODEL_LEN,
+                                 dtype="float32"))
     await engine.start()
     yield engine
     await engine.close()

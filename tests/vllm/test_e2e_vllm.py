@@ -7,23 +7,25 @@ resumes it, and the client's text equals an uninterrupted run.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
 import time
 from collections.abc import Iterator
 
-import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from scripts.stack import Proc, Stack
+from tests import e2e_checks
+from tests.e2e_checks import client
 from tests.test_pipeline import MODEL
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
-WORKER_ENV = {"inference_engine": "vllm", "max_batch_size": "4", "max_model_len": "2048"}
+# float32: the takeover test compares the resumed text with an uninterrupted run token for token, which
+# vLLM in bfloat16 (its default on CPUs with native bf16) does not promise.
+WORKER_ENV = {"inference_engine": "vllm", "max_batch_size": "4", "max_model_len": "2048", "dtype": "float32"}
 
 
 def kill_group(proc: Proc) -> None:
@@ -43,56 +45,19 @@ def vllm_stack(make_stack) -> Iterator[tuple[Stack, list[Proc]]]:
         kill_group(proc)
 
 
-def client(url: str, timeout: float = 180) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=timeout)
-
-
 async def test_vllm_worker_streams_and_answers(vllm_stack):
     stack, workers = vllm_stack
     workers.append(stack.worker("vllm-a", wait=300, **WORKER_ENV))
-    url = stack.api()
-    c = client(url)
-    messages: list[ChatCompletionMessageParam] = [
-        {"role": "user", "content": "What is the capital of France? Answer in one word."}]
-    stream = await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
-                                             stream=True, stream_options={"include_usage": True})
-    chunks = [chunk async for chunk in stream]
-    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-    assert "paris" in streamed.lower()
-    usage = chunks[-1].usage
-    assert usage is not None and usage.prompt_tokens > 10 and 0 < usage.completion_tokens <= 16
-    assert stack.job(chunks[0].id)["worker"] == "vllm-a"
-    # the same request, not streamed, greedy: the same text
-    full = await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
-    assert full.choices[0].message.content == streamed
-    assert full.usage is not None and full.usage.completion_tokens == usage.completion_tokens
-    completion = await c.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5,
-                                            temperature=0)
-    assert "paris" in completion.choices[0].text.lower()
-    assert completion.choices[0].finish_reason == "length"
-    assert completion.usage is not None and completion.usage.completion_tokens == 5
-
-    # batching does not change greedy output
-    questions = ["Name a color.", "Count from 1 to 5.", "Say hello in French.", "What is 2+2?",
-                 "Name a planet.", "Write one word about the sea."]
-
-    async def ask(q: str) -> str:
-        r = await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}],
-                                            max_tokens=12, temperature=0)
-        return r.choices[0].message.content or ""
-
-    together = await asyncio.gather(*(ask(q) for q in questions))
-    alone = [await ask(q) for q in questions]
-    assert together == alone and all(together)
-
+    c = client(stack.api())
+    job_id, streamed = await e2e_checks.streams_and_answers(c)
+    assert stack.job(job_id)["worker"] == "vllm-a"
+    await e2e_checks.batching_keeps_greedy_output(c)
     # stop strings, and a prompt longer than the context is a 400 from the engine
-    stopped = await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
-                                              stop=["aris"])
+    stopped = await c.chat.completions.create(model=MODEL, messages=e2e_checks.PARIS, max_tokens=16,
+                                              temperature=0, stop=["aris"])
     assert stopped.choices[0].message.content == streamed[:streamed.index("aris")]
     assert stopped.choices[0].finish_reason == "stop"
-    with pytest.raises(openai.BadRequestError, match="context"):
-        await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello " * 2100}],
-                                        max_tokens=10)
+    await e2e_checks.context_overflow_is_a_400(c)
 
 
 async def test_vllm_worker_killed_mid_stream_is_resumed_exactly(vllm_stack):
