@@ -1446,11 +1446,20 @@ def _make_decode(tokenizer) -> Callable[[list[int]], str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _cores() -> int:
+def _cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's
+    CPU limit, which neither affinity nor OpenMP sees)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def _cpu_threads() -> int:
