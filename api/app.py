@@ -185,7 +185,7 @@ async def _stats(serving: Serving) -> dict[str, Any]:
     names |= {w["model"] for w in workers} | {serving.settings.served_model_name}
     models: dict[str, Any] = {}
     for model in sorted(names):
-        queue = await serving.queue_state(model)
+        queue = await serving.store.queue_state(model)
         models[model] = {"queue_depth": queue["depth"], "pending": queue["pending"],
                          "dead_letters": await serving.redis.xlen(serving.keys.dead(model)),
                          "workers": sum(1 for w in workers if w["model"] == model),

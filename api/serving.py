@@ -11,15 +11,14 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from api.protocol import APIError, ChatCompletionRequest, CompletionRequest, JobOptions, Limits
 from api.relay import EventHub, Subscription
 from api.sse import DONE, sse
 from shared import metrics, webhooks
 from shared.events import Event
-from shared.jobs import REDIS_DOWN, TERMINAL, JobSpec, JobStatus, JobStore, lanes
-from shared.keys import GROUP, Keys
+from shared.jobs import REDIS_DOWN, TERMINAL, JobSpec, JobStatus, JobStore
+from shared.keys import Keys
 from shared.settings import Settings
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest
@@ -64,27 +63,6 @@ class Serving:
             entry["max_model_len"] = w.get("max_model_len")
         return found
 
-    async def queue_state(self, model: str) -> dict[str, int]:
-        """Lag (not yet delivered) and pending (delivered, not acked) over the model's lanes."""
-        streams = lanes(self.keys, model)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in streams:
-                pipe.xinfo_groups(stream)
-                pipe.xlen(stream)
-            replies = await pipe.execute(raise_on_error=False)
-        depth = pending = 0
-        for groups, length in zip(replies[::2], replies[1::2], strict=True):
-            if isinstance(groups, ResponseError):  # no stream yet
-                continue
-            group = next((g for g in groups if g["name"].decode() == GROUP), None)
-            if group is None:  # no worker has read it yet: everything is waiting
-                depth += length
-                continue
-            pending += int(group["pending"])
-            lag = group.get("lag")
-            depth += int(lag) if lag is not None else max(0, length - int(group["pending"]))
-        return {"depth": depth, "pending": pending}
-
     # ── admission ────────────────────────────────────────────────────────────
     async def admit(self, body: GenerationRequest, owner: str, options: JobOptions | None = None) -> JobSpec:
         """The job for a valid request to a known model; 4xx otherwise. The queue is checked at submit."""
@@ -123,11 +101,10 @@ class Serving:
         (checked and enqueued in one script)."""
         sub = await self.hub.subscribe(spec.id)
         try:
-            depth = await self.store.enqueue(spec, self.settings.max_queue_depth)
-            if depth is None:
-                raise APIError(429, f"The queue for `{spec.model}` is full ({self.settings.max_queue_depth} jobs "
-                               "waiting); retry later.", type_="rate_limit_error", code="queue_full",
-                               headers={"Retry-After": "5"})
+            added, depth = await self.store.enqueue(spec, self.settings.max_queue_depth)
+            if not added:
+                raise APIError(429, f"The queue for `{spec.model}` is full ({depth} jobs waiting); retry later.",
+                               type_="rate_limit_error", code="queue_full", headers={"Retry-After": "5"})
         except BaseException:
             await sub.close()
             raise

@@ -74,27 +74,41 @@ def new_job_id() -> str:
 
 
 # ─── Lua scripts ────────────────────────────────────────────────────────────
-# KEYS[1] job hash, KEYS[2] log. ARGV[1] worker, ARGV[2] now, ARGV[3] max attempts.
-# Returns {attempt, status, log length, spec}; attempt 0 = do not run (status says why).
-_ENQUEUE = """
--- KEYS: job hash, its stream, models set, owner's listing, then all the model's streams
--- ARGV: max depth, group, model, job id, created_at, listing cutoff, then the hash's field/value pairs
-local depth = 0
-for i = 5, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    local length = redis.call('XLEN', KEYS[i])
-    local counted = false
-    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
-      local f = {}
-      for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
-      if f['name'] == ARGV[2] then
-        counted = true
-        if f['lag'] then depth = depth + f['lag'] else depth = depth + math.max(0, length - f['pending']) end
+# A model's queue over its streams KEYS[first..]: lag (not yet delivered to the group ARGV[2])
+# and pending (delivered, not acked). A stream the group never read counts whole.
+_QUEUE_STATE_FN = """
+local function queue_state(first, group)
+  local depth, pending = 0, 0
+  for i = first, #KEYS do
+    if redis.call('EXISTS', KEYS[i]) == 1 then
+      local length = redis.call('XLEN', KEYS[i])
+      local counted = false
+      for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
+        local f = {}
+        for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
+        if f['name'] == group then
+          counted = true
+          pending = pending + f['pending']
+          if f['lag'] then depth = depth + f['lag'] else depth = depth + math.max(0, length - f['pending']) end
+        end
       end
+      if not counted then depth = depth + length end
     end
-    if not counted then depth = depth + length end
   end
+  return depth, pending
 end
+"""
+
+# KEYS: a model's streams. ARGV: group. Returns {depth, pending}.
+_QUEUE_STATE = _QUEUE_STATE_FN + """
+return {queue_state(1, ARGV[1])}
+"""
+
+# KEYS: job hash, its stream, models set, owner's listing, then all the model's streams
+# ARGV: max depth, group, model, job id, created_at, listing cutoff, then the hash's field/value pairs
+# Returns {1 if enqueued else 0, the queue's depth before}.
+_ENQUEUE = _QUEUE_STATE_FN + """
+local depth = queue_state(5, ARGV[2])
 if depth >= tonumber(ARGV[1]) then return {0, depth} end
 redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('XADD', KEYS[2], '*', 'id', ARGV[4])
@@ -124,6 +138,8 @@ end
 return out
 """
 
+# KEYS[1] job hash, KEYS[2] log. ARGV[1] worker, ARGV[2] now, ARGV[3] max attempts.
+# Returns {attempt, status, log length, spec}; attempt 0 = do not run (status says why).
 _START = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {0, 'missing', 0} end
@@ -200,6 +216,7 @@ class JobStore:
         self.redis = redis
         self.keys = keys
         self.result_ttl = result_ttl
+        self._queue_state = _Script(redis, _QUEUE_STATE)
         self._enqueue = _Script(redis, _ENQUEUE)
         self._read = _Script(redis, _READ)
         self._start = _Script(redis, _START)
@@ -208,13 +225,18 @@ class JobStore:
 
     async def load_scripts(self) -> None:
         """After a Redis restart the script cache is empty: load ours again."""
-        for script in (self._enqueue, self._read, self._start, self._emit, self._finish):
+        for script in (self._queue_state, self._enqueue, self._read, self._start, self._emit, self._finish):
             await self.redis.script_load(script.source)
 
     # ── API side ──
-    async def enqueue(self, spec: JobSpec, max_depth: int | None = None) -> int | None:
+    async def queue_state(self, model: str) -> dict[str, int]:
+        """Lag (not yet delivered) and pending (delivered, not acked) over the model's lanes."""
+        depth, pending = await self._queue_state(lanes(self.keys, model), [GROUP])
+        return {"depth": int(depth), "pending": int(pending)}
+
+    async def enqueue(self, spec: JobSpec, max_depth: int | None = None) -> tuple[bool, int]:
         """Write the job hash and add it to its model's stream, atomically, unless the model's
-        queue already holds ``max_depth`` waiting jobs. The queue depth before, or None if full."""
+        queue already holds ``max_depth`` waiting jobs: (enqueued, the queue's depth before)."""
         fields = {
             "id": spec.id,
             "status": JobStatus.queued,
@@ -231,7 +253,7 @@ class JobStore:
         for name, value in fields.items():
             args += [name, value if isinstance(value, str) else repr(value)]
         added, depth = await self._enqueue(keys, args)
-        return int(depth) if added else None
+        return bool(added), int(depth)
 
     async def get(self, job_id: str) -> dict[str, str] | None:
         raw = await self.redis.hgetall(self.keys.job(job_id))
