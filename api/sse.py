@@ -35,8 +35,6 @@ class EventStream(StreamingResponse):
     API's CPU per streamed request.
     """
 
-    media_type = "text/event-stream"
-
     def __init__(self, body: AsyncIterator[bytes], ping: float = 15.0):
         super().__init__(body, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
                          media_type="text/event-stream")

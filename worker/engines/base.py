@@ -89,3 +89,13 @@ class Engine(abc.ABC):
 
     def num_running(self) -> int:
         return 0
+
+
+def cpu_has_native_bf16() -> bool:
+    """The CPU does bfloat16 dot products natively (AVX512-BF16 or AMX): bf16 math then pays off."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -62,7 +62,14 @@ from torch import nn
 
 from shared.settings import Settings
 from worker.engines import hf_script
-from worker.engines.base import Delta, Engine, EngineRequestError, FinishReason, GenerationRequest
+from worker.engines.base import (
+    Delta,
+    Engine,
+    EngineRequestError,
+    FinishReason,
+    GenerationRequest,
+    cpu_has_native_bf16,
+)
 from worker.engines.hf_loader import materialize
 
 log = logging.getLogger(__name__)
@@ -148,8 +155,8 @@ class _Decode:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         kc[self.rows, :, self.pos] = k[:, :, 0]
         vc[self.rows, :, self.pos] = v[:, :, 0]
-        keys = kc[self.first : self.first + n, :, : self.kv_len]
-        values = vc[self.first : self.first + n, :, : self.kv_len]
+        keys = kc[self.span, :, : self.kv_len]
+        values = vc[self.span, :, : self.kv_len]
         # GQA without repeating keys: the query heads of one kv head form the "query length" dim.
         qg = q.reshape(n, kvh, hq // kvh, d)
         scores = torch.matmul(qg, keys.transpose(-1, -2))
@@ -441,7 +448,7 @@ _BF16_MIN_ROWS = 5  # measured: oneDNN bf16 beats fbgemm fp16 from 5 rows on, co
 
 def _mkldnn_bf16_available() -> bool:
     """oneDNN bf16 GEMMs with pre-packed weights, on a CPU that does bf16 natively."""
-    if not (_cpu_has_native_bf16() and torch.backends.mkldnn.is_available()):
+    if not (cpu_has_native_bf16() and torch.backends.mkldnn.is_available()):
         return False
     try:
         w = torch.randn(8, 16)
@@ -1516,7 +1523,7 @@ def _load(settings: Settings) -> _Loaded:
                 notes.append("float16 requested on CPU: fbgemm unavailable, using float32")
         elif requested == "bfloat16":
             dtype = torch.bfloat16
-            if not _cpu_has_native_bf16():
+            if not cpu_has_native_bf16():
                 notes.append("bfloat16 on a CPU without native bf16 support is slower than float32")
         else:
             dtype = getattr(torch, requested)
@@ -1671,12 +1678,3 @@ def _check_fast_decoder(model, fast: _FastDecoder, device: torch.device) -> str 
         return f"max logit difference {err:.3g} (scale {scale:.3g})"
     log.info("lean forward matches transformers: max logit difference %.2g (logit scale %.3g)", err, scale)
     return None
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

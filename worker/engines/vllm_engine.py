@@ -39,7 +39,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.settings import Settings
-from worker.engines.base import Delta, Engine, EngineRequestError, FinishReason, GenerationRequest
+from worker.engines.base import (
+    Delta,
+    Engine,
+    EngineRequestError,
+    FinishReason,
+    GenerationRequest,
+    cpu_has_native_bf16,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -162,7 +169,7 @@ class VllmEngine(Engine):
         # AVX2-only CPU ran it ~3x slower than float32.
         import torch
 
-        if torch.cuda.is_available() or _cpu_has_native_bf16():
+        if torch.cuda.is_available() or cpu_has_native_bf16():
             return "bfloat16"
         return "float32"
 
@@ -372,12 +379,3 @@ class VllmEngine(Engine):
                     yield Delta(text, ids, None, prompt_tokens, completion)
         finally:
             await release()
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
