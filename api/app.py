@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         serving = Serving(settings, redis)
         await serving.hub.start()
         app.state.serving = serving
+        gc.freeze()  # the start-up heap is permanent: the collector's full passes skip it (short pauses)
         yield
         await serving.hub.close()
         await redis.aclose()

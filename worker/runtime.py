@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import signal
 import time
@@ -91,6 +92,7 @@ class Worker:
     async def run(self) -> None:
         await self.engine.start()
         await self._with_redis(self._setup)
+        gc.freeze()  # the loaded model's objects are permanent: the collector's full passes skip them
         log.info("worker %s ready: engine=%s model=%s batch=%d", self.name, self.engine.name,
                  self.model, self.engine.max_batch_size)
         loops = [self._read_loop(), self._publish_loop(), self._heartbeat_loop(), self._cancel_loop()]
