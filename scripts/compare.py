@@ -110,6 +110,24 @@ def measure(name: str, url: str, args: argparse.Namespace, model_dir: Path) -> l
     return runs
 
 
+def summary(runs: list[dict[str, Any]], peer: str = "vllm") -> list[str]:
+    """Each server's throughput at N streams as a multiple of its one-stream throughput (is batching
+    real?), and as a share of ``peer``'s at the same concurrency."""
+    tps = {(r["server"], r["concurrency"]): r["metrics"]["output_throughput"] for r in runs}
+    lines = []
+    for name in dict.fromkeys(r["server"] for r in runs):
+        parts = []
+        for (server, conc), value in tps.items():
+            if server != name or conc == 1:
+                continue
+            if tps.get((name, 1)):
+                parts.append(f"{conc} streams = {value / tps[(name, 1)]:.2f}x one stream")
+            if name != peer and tps.get((peer, conc)):
+                parts.append(f"{value / tps[(peer, conc)]:.1%} of {peer} at {conc}")
+        lines.append(f"{name}: " + "; ".join(parts))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS)
@@ -142,7 +160,9 @@ def main() -> None:
                "runs": runs}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     write_json(results, args.json)
-    print(markdown_table(runs))
+    report = markdown_table(runs) + "\n\n" + "\n".join(summary(runs)) + "\n"
+    args.json.with_suffix(".md").write_text(report)
+    print(report)
     write_chart(results, args.chart)
 
 

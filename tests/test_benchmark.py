@@ -461,3 +461,14 @@ def test_healthcheck_fails_on_503_and_when_unreachable(health_server_url: str) -
     unreachable = run_healthcheck("--url", f"http://127.0.0.1:{closed_port}", "--timeout", "2")
     assert unreachable.returncode == 1
     assert unreachable.stdout.startswith("FAIL")
+
+
+def test_compare_summary_gives_batching_ratio_and_share_of_the_peer():
+    from scripts.compare import summary
+
+    def run(server: str, conc: int, tps: float) -> dict[str, Any]:
+        return {"server": server, "concurrency": conc, "metrics": {"output_throughput": tps}}
+
+    runs = [run("ours", 1, 30.0), run("ours", 8, 135.0), run("vllm", 1, 15.0), run("vllm", 8, 60.0)]
+    assert summary(runs) == ["ours: 8 streams = 4.50x one stream; 225.0% of vllm at 8",
+                             "vllm: 8 streams = 4.00x one stream"]
