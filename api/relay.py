@@ -1,7 +1,8 @@
 """Live job events for every stream of one API process, over ONE pub/sub connection.
 
-``EventHub.subscribe(job_id)`` confirms the subscription before it returns, so
-a caller that subscribes and then enqueues misses nothing. ``Subscription.events``
+``EventHub.subscribe(job_id)`` confirms the subscription before it returns (or,
+with ``confirm=False``, once SUBSCRIBE is sent: the API enqueues the job while
+Redis confirms). ``Subscription.events``
 merges the live channel with the job's log: it replays from any ``seq``, fills
 gaps from the log, drops duplicates, and polls the log when the channel is
 quiet, so a lost message or a Redis restart never leaves a reader hanging.
@@ -34,6 +35,18 @@ class Subscription:
         self.hub, self.job_id = hub, job_id
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: the hub lost Redis
         self.arrived = asyncio.Event()
+        self.confirmed: asyncio.Future[None] | None = None  # Redis's SUBSCRIBE reply
+
+    async def confirm(self, timeout: float = 5.0) -> None:
+        """Wait until Redis confirmed the subscription: from then on, no event is missed."""
+        if self.confirmed is None:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self.confirmed)
+        except REDIS_DOWN as exc:
+            self.hub._drop(self.hub.keys.events(self.job_id), self)
+            raise RedisUnavailable(str(exc) or "timed out subscribing") from exc
 
     def put(self, raw: bytes | None) -> None:
         self.queue.put_nowait(raw)
@@ -119,7 +132,9 @@ class EventHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def subscribe(self, job_id: str, timeout: float = 5.0) -> Subscription:
+    async def subscribe(self, job_id: str, timeout: float = 5.0, confirm: bool = True) -> Subscription:
+        """Subscribe to the job's channel; ``confirm=False`` returns once SUBSCRIBE is sent, and
+        ``sub.confirm()`` waits for Redis to confirm it."""
         channel = self.keys.events(job_id)
         sub = Subscription(self, job_id)
         first = channel not in self._subs
@@ -130,12 +145,13 @@ class EventHub:
             async with asyncio.timeout(timeout):
                 await self._ready.wait()
                 assert self._pubsub is not None
-                confirmed = self._confirm.setdefault(channel, asyncio.get_running_loop().create_future())
+                sub.confirmed = self._confirm.setdefault(channel, asyncio.get_running_loop().create_future())
                 await self._pubsub.subscribe(channel)
-                await confirmed
         except REDIS_DOWN as exc:
             self._drop(channel, sub)
             raise RedisUnavailable(str(exc) or "timed out subscribing") from exc
+        if confirm:
+            await sub.confirm(timeout)
         return sub
 
     async def unsubscribe(self, sub: Subscription) -> None:

@@ -97,14 +97,18 @@ class Serving:
         metrics.API_STREAMS_IN_FLIGHT.dec()
 
     async def submit(self, spec: JobSpec) -> Subscription:
-        """Subscribe first, then enqueue: no event can be missed. 429 when the model's queue is full
-        (checked and enqueued in one script)."""
-        sub = await self.hub.subscribe(spec.id)
+        """Subscribe, then enqueue; 429 when the model's queue is full (checked and enqueued in one
+        script). SUBSCRIBE goes out before the enqueue and its confirmation is awaited after it: one
+        round trip fewer before the job is queued. Redis runs SUBSCRIBE no later than the enqueue's
+        epoll round, and a worker needs two more round trips (read, start) before it can publish;
+        an event missed anyway is read from the job's log (a gap, or the quiet poll)."""
+        sub = await self.hub.subscribe(spec.id, confirm=False)
         try:
             added, depth = await self.store.enqueue(spec, self.settings.max_queue_depth)
             if not added:
                 raise APIError(429, f"The queue for `{spec.model}` is full ({depth} jobs waiting); retry later.",
                                type_="rate_limit_error", code="queue_full", headers={"Retry-After": "5"})
+            await sub.confirm()
         except BaseException:
             await sub.close()
             raise
