@@ -43,9 +43,9 @@ class Subscription:
             return
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.shield(self.confirmed)
+                await self.confirmed
         except REDIS_DOWN as exc:
-            self.hub._drop(self.hub.keys.events(self.job_id), self)
+            self.hub._drop(self.hub.keys.events(self.job_id), self)  # as when SUBSCRIBE itself fails
             raise RedisUnavailable(str(exc) or "timed out subscribing") from exc
 
     def put(self, raw: bytes | None) -> None:

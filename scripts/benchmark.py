@@ -305,7 +305,7 @@ async def read_stream(
     headers: Mapping[str, str],
     tracker: StreamTracker,
 ) -> None:
-    async with client.post(url, data=orjson.dumps(payload), headers={**headers, **JSON}) as response:
+    async with client.post(url, json=payload, headers=headers) as response:
         if response.status != 200:
             body = (await response.read()).decode(errors="replace")
             tracker.record.error = f"HTTP {response.status}: {body[:ERROR_TEXT_LIMIT]}"
@@ -448,9 +448,6 @@ def request_count(config: BenchmarkConfig, concurrency: int | None) -> int:
     return max(MIN_REQUESTS, math.ceil(10 * config.request_rate))  # ~10 s of arrivals
 
 
-JSON = {"Content-Type": "application/json"}
-
-
 def make_client(pool_size: int, timeout_s: float) -> aiohttp.ClientSession:
     """HTTP/1.1 keep-alive pool with one connection per in-flight request; no proxies.
 
@@ -459,7 +456,8 @@ def make_client(pool_size: int, timeout_s: float) -> aiohttp.ClientSession:
     machine takes from the server under test."""
     connector = aiohttp.TCPConnector(limit=pool_size, limit_per_host=pool_size)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(30.0, timeout_s), sock_read=timeout_s)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False,
+                                 json_serialize=lambda obj: orjson.dumps(obj).decode())
 
 
 async def discover_model(target: ServerTarget, timeout_s: float) -> str:
