@@ -91,6 +91,13 @@ class Engine(abc.ABC):
         return 0
 
 
+# A burst of requests reaches an engine over a few milliseconds (each is enqueued, read and
+# tokenized in turn). An idle engine that prefilled the first alone would make the rest wait a
+# whole step for it; so it waits while requests keep arriving this close together ...
+BURST_GAP_S = 0.003
+BURST_MAX_S = 0.020  # ... for at most this long. A lone request pays BURST_GAP_S.
+
+
 def cpu_has_native_bf16() -> bool:
     """The CPU does bfloat16 dot products natively (AVX512-BF16 or AMX): bf16 math then pays off."""
     try:

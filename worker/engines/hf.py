@@ -19,7 +19,9 @@ Design (measured with ``scripts/bench_engine.py``):
 * Prefix cache: keys/values of recent prompts are kept (LRU, ``_PREFIX_CACHE_BYTES``)
   and copied into the slot of a new prompt that starts the same way (the chat
   template's system preamble, resent conversation history): only the rest is
-  prefilled.
+  prefilled. Its numbers can differ from a whole prefill's in the last bit, which
+  bfloat16 GEMMs may turn into another greedy token in a near-tie (seen on an AMX
+  host): greedy output is batch-invariant, not cache-invariant.
 * Forward: for Llama-style models (llama, mistral, qwen2) a lean forward
   (:class:`_FastDecoder`) with fused q/k/v and gate/up GEMMs, checked against
   transformers' forward at start-up. Any other model runs transformers' own
@@ -30,9 +32,10 @@ Design (measured with ``scripts/bench_engine.py``):
   included) keep float16 weights packed for fbgemm's fp16-weight/fp32-activation
   GEMM (2x faster than float32 GEMMs at decode batch sizes, float32
   accumulation; the default model comes from a 4-bit GGUF). On CPUs with native
-  bf16 (AVX512-BF16, AMX) and ``DTYPE=auto``, GEMMs of 5 rows or more (prefill,
-  big decode batches) run on a oneDNN bfloat16 copy instead: twice the
-  multiply-adds per cycle (:class:`_PackedLinear`). ``DTYPE=bfloat16`` runs the
+  bf16 (AVX512-BF16, AMX) and ``DTYPE=auto``, prompt prefills run on a oneDNN
+  bfloat16 copy instead (twice the multiply-adds per cycle); decode stays on
+  fbgemm whatever the batch, so greedy output does not depend on the batch and a
+  resumed stream continues exactly (:class:`_PackedLinear`). ``DTYPE=bfloat16`` runs the
   whole model in bfloat16. ``LOAD_IN_8BIT`` on CPU: torch dynamic int8 (per-channel).
   Intra-op threads: all cores but one (see :func:`_cpu_threads`); on 2 cores, two
   lanes split each batch instead (:func:`_cpu_lanes`).
@@ -63,6 +66,8 @@ from torch import nn
 from shared.settings import Settings
 from worker.engines import hf_script
 from worker.engines.base import (
+    BURST_GAP_S,
+    BURST_MAX_S,
     Delta,
     Engine,
     EngineRequestError,
@@ -81,8 +86,6 @@ _PREFILL_TOKEN_BUDGET = 512  # prompt tokens per prefill forward; longer prompts
 _PREFIX_CACHE_BYTES = 128 * 2**20  # reusable prompt-prefix keys/values kept by the engine
 _DETOK_CONTEXT = 6  # prompt tokens kept as decoding context (leading-space handling of sentencepiece)
 _MAX_PENDING_TOKENS = 8  # tokens held back waiting for a multi-byte character to complete
-_BURST_GAP_S = 0.003  # an idle engine takes requests arriving this close together as one burst
-_BURST_MAX_S = 0.020  # ... for at most this long
 _LANE_MIN_ROWS = 3  # a decode batch this big is split over the lanes (see _cpu_lanes)
 
 
@@ -194,8 +197,10 @@ class _Prefill:
     packed tokens costs ~7x more on CPU), or flash-attn's varlen kernel.
     """
 
-    def __init__(self, cache: _SlotCache, rows: list[int], cached: list[int], new: list[int], flash: bool):
+    def __init__(self, cache: _SlotCache, rows: list[int], cached: list[int], new: list[int], flash: bool,
+                 prompt: bool = True):
         self.cache, self.flash = cache, flash
+        self.prompt = prompt  # False: a resumed stream's delivered tokens, recomputed with decode numerics
         device = cache.device
         self.q_rows = torch.tensor([r for r, n in zip(rows, new, strict=True) for _ in range(n)], device=device)
         self.q_pos = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, new, strict=True)]).to(device)
@@ -399,21 +404,25 @@ def _register_attention() -> None:
 class _PackedLinear(nn.Module):
     """A linear layer for the CPU: float32 in and out, the weight packed once for the GEMM libraries.
 
-    Few rows (decode): fbgemm's GEMM over a float16 copy of the weight, which
-    streams half the bytes of float32 and accumulates in float32; it is
-    single-threaded. From ``big_min_rows`` rows on (prefill, big decode
-    batches) a second copy does the work, set at load by ``big``:
+    Decode: fbgemm's GEMM over a float16 copy of the weight, which streams half
+    the bytes of float32 and accumulates in float32; it is single-threaded. A
+    prompt's prefill of ``big_min_rows`` rows or more runs on a second copy, set
+    at load by ``big``:
 
     * ``"bf16"``: a oneDNN-packed bfloat16 weight, on CPUs with native bf16 dot
       products (AVX512-BF16, AMX), which do twice the multiply-adds per cycle of
       float32 FMAs. Measured on one Zen 4 core, the 135M model's GEMMs take
-      510 ms for 512 rows (fbgemm: 1036) but stream cold weights slower, so
-      fbgemm stays for 1-4 rows.
+      510 ms for 512 rows (fbgemm: 1036).
     * ``"fp32"``: a float32 weight for MKL, which runs multi-threaded; the row
       count from which it wins is measured at start-up (:func:`_calibrate_dense_rows`).
 
-    A row's result depends on which path its GEMM took, so greedy output can
-    differ in rare near-ties with the batch composition (as on every batched server).
+    A row's result depends on which path its GEMM took (each path alone gives a row
+    the same result whatever the other rows), and bfloat16 rounds activations: so
+    the path is chosen by what is computed, never by the batch. Every prompt prefill
+    takes the big copy (a prompt whose prefix was cached prefills a few rows and
+    must get the numbers of a whole prefill); every decode step, and the recompute
+    of a resumed stream's delivered tokens, takes fbgemm. Greedy output then does not
+    depend on the batch, and a resumed stream continues as the original would have.
     """
 
     big_min_rows = 1 << 30
@@ -428,10 +437,10 @@ class _PackedLinear(nn.Module):
         self.bf16 = torch.ops.mkldnn._reorder_linear_weight(weight.bfloat16(), 1) if big == "bf16" else None
         self.dense = weight if big == "fp32" else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] < self.big_min_rows:
+        if not prefill or x2.shape[0] < self.big_min_rows or (self.bf16 is None and self.dense is None):
             out = torch.ops.aten.fbgemm_linear_fp16_weight(x2, self.packed, self.bias_)
         elif self.bf16 is not None:
             out = torch.ops.mkldnn._linear_pointwise(x2.bfloat16(), self.bf16, None, "none", [], "").float()
@@ -443,7 +452,7 @@ class _PackedLinear(nn.Module):
         return out.view(*shape[:-1], self.out_features)
 
 
-_BF16_MIN_ROWS = 5  # measured: oneDNN bf16 beats fbgemm fp16 from 5 rows on, cold weights (Zen 4)
+_BF16_MIN_ROWS = 1  # a prompt prefill of any size: its numbers must not depend on how it was split
 
 
 def _mkldnn_bf16_available() -> bool:
@@ -465,7 +474,7 @@ class _DenseLinear(nn.Module):
         super().__init__()
         self.weight, self.bias = weight.detach().contiguous(), None if bias is None else bias.detach()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
@@ -644,14 +653,15 @@ class _FastDecoder:
             return self.lm_head.forward(torch.rms_norm(x, shape, self.norm, eps))
         # Modules are called through .forward and rms_norm as torch.rms_norm: per-call Python
         # overhead is a good part of a small batch's step, and with two lanes it holds the GIL.
+        pre = isinstance(batch, _Prefill) and batch.prompt  # which GEMMs: see _PackedLinear
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv.forward(torch.rms_norm(x, shape, layer.ln1, eps))
+            qkv = layer.qkv.forward(torch.rms_norm(x, shape, layer.ln1, eps), pre)
             qk = qkv[:, :qk_width].view(n, hq + kvh, d)
             qk = torch.addcmul(qk * cos, torch.roll(qk, d // 2, -1), sin)
             attn = batch.attend_flat(i, qk[:, :hq], qk[:, hq:], qkv[:, qk_width:].view(n, kvh, d), self.scale)
-            x.add_(layer.o.forward(attn))
-            gu = layer.gate_up.forward(torch.rms_norm(x, shape, layer.ln2, eps))
-            x.add_(layer.down.forward(torch.mul(F.silu(gu[:, :inter], inplace=True), gu[:, inter:])))
+            x.add_(layer.o.forward(attn, pre))
+            gu = layer.gate_up.forward(torch.rms_norm(x, shape, layer.ln2, eps), pre)
+            x.add_(layer.down.forward(torch.mul(F.silu(gu[:, :inter], inplace=True), gu[:, inter:]), pre))
         if keep is not None:
             x = x[keep]
         return self.lm_head.forward(torch.rms_norm(x, shape, self.norm, eps))
@@ -659,7 +669,7 @@ class _FastDecoder:
     def _script_layers(self, batch: _Decode, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         s = self.script
         assert s is not None
-        big = s["big"] if x.shape[0] >= _PackedLinear.big_min_rows else 0
+        big = 0  # decode numerics: fbgemm whatever the batch (see _PackedLinear)
         cache = batch.cache
         return s["fn"](x, cos, sin, s["norms"], s["fp16"], s["big_w"], s["biases"], s["has_bias"], big, cache.k,
                        cache.v, batch.rows, batch.pos, batch.first, batch.kv_len, batch.mask3, s["dims"], s["eps"],
@@ -924,18 +934,16 @@ class _Runner:
     def _gather_burst(self) -> None:
         """An idle engine waits a moment while requests keep arriving (called with the lock held).
 
-        A burst of requests reaches the engine over a few milliseconds (each is read,
-        started and tokenized in turn). Prefilling the first alone would make the
-        rest wait for it; taken together, they are prefilled at once, over both
-        lanes. Costs a lone request ``_BURST_GAP_S``.
+        Taken together, a burst's prompts are prefilled at once, over both lanes (see
+        ``BURST_GAP_S``).
         """
-        deadline = time.monotonic() + _BURST_MAX_S
+        deadline = time.monotonic() + BURST_MAX_S
         while not self.stopping and len(self.pending) < self.max_batch:
             seen = len(self.pending)
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self.cv.wait(min(_BURST_GAP_S, left))
+            self.cv.wait(min(BURST_GAP_S, left))
             if len(self.pending) == seen:
                 return
 
@@ -962,7 +970,8 @@ class _Runner:
             seq.row = len(self.active)
             self.active.append(seq)
             self.cache.ensure(len(seq.inputs) + 1)
-            entry, n = self.prefix.lookup(seq.inputs) if self.prefix is not None else (None, 0)
+            # a resumed stream prefills its whole prompt, as its first attempt did: same numbers
+            entry, n = self.prefix.lookup(seq.inputs) if self.prefix is not None and not seq.resume_ids else (None, 0)
             if entry is not None:
                 _PrefixCache.restore(entry, n, self.cache, seq.row)
             seq.cache_len = seq.reused = n
@@ -971,7 +980,10 @@ class _Runner:
         for seq in self.active:
             if seq.ready or budget <= 0:
                 continue
-            end = min(len(seq.inputs), seq.cache_len + budget)
+            limit = len(seq.inputs)
+            if seq.cache_len < len(seq.prompt_ids):
+                limit = len(seq.prompt_ids)  # a resumed stream's delivered tokens go in a chunk of their own
+            end = min(limit, seq.cache_len + budget)
             work.append((seq, end))
             budget -= end - seq.cache_len
         return work
@@ -991,14 +1003,11 @@ class _Runner:
         seq.row = -1
 
     def _prefill(self, work: list[tuple[_Seq, int]]) -> None:
+        prompts = [(seq, end) for seq, end in work if seq.cache_len < len(seq.prompt_ids)]
+        delivered = [(seq, end) for seq, end in work if seq.cache_len >= len(seq.prompt_ids)]
+        work = prompts + delivered
+        parts = self._prefill_group(prompts, True) + self._prefill_group(delivered, False)
         new = [end - seq.cache_len for seq, end in work]
-        if self.lane is not None and len(work) >= 2:  # two groups of prompts, one per core
-            ends = list(itertools.accumulate(new))
-            cut = min(range(1, len(work)), key=lambda i: abs(2 * ends[i - 1] - ends[-1]))
-            other = self.lane.submit(self._prefill_rows, work[cut:])
-            parts = [self._prefill_rows(work[:cut]), other.result()]
-        else:
-            parts = [self._prefill_rows(work)]
         for seq, end in work:
             seq.cache_len = end
         finished = [seq for seq, end in work if end == len(seq.inputs)]
@@ -1012,13 +1021,24 @@ class _Runner:
             logits = torch.cat([part for part in parts if part is not None])
             self._accept(finished, self._sample(logits, finished))
 
-    def _prefill_rows(self, work: list[tuple[_Seq, int]]) -> torch.Tensor | None:
-        """One forward over these prompts' next tokens: logits where a prompt ends, if any does."""
+    def _prefill_group(self, work: list[tuple[_Seq, int]], prompt: bool) -> list[torch.Tensor | None]:
+        """Logits of the sequences in ``work`` whose inputs end here, in order, over both lanes."""
+        if not work:
+            return []
+        if self.lane is not None and len(work) >= 2:  # two groups of prompts, one per core
+            ends = list(itertools.accumulate(end - seq.cache_len for seq, end in work))
+            cut = min(range(1, len(work)), key=lambda i: abs(2 * ends[i - 1] - ends[-1]))
+            other = self.lane.submit(self._prefill_rows, work[cut:], prompt)
+            return [self._prefill_rows(work[:cut], prompt), other.result()]
+        return [self._prefill_rows(work, prompt)]
+
+    def _prefill_rows(self, work: list[tuple[_Seq, int]], prompt: bool = True) -> torch.Tensor | None:
+        """One forward over these inputs' next tokens: logits where the inputs end, if any do."""
         with torch.inference_mode():
             cached = [seq.cache_len for seq, _ in work]
             new = [end - seq.cache_len for seq, end in work]
             dev = self.device
-            batch = _Prefill(self.cache, [seq.row for seq, _ in work], cached, new, self.flash)
+            batch = _Prefill(self.cache, [seq.row for seq, _ in work], cached, new, self.flash, prompt)
             ids = [t for seq, end in work for t in seq.inputs[seq.cache_len : end]]
             done = [i for i, (seq, end) in enumerate(work) if end == len(seq.inputs)]
             ends = list(itertools.accumulate(new))
@@ -1571,7 +1591,7 @@ def _load(settings: Settings) -> _Loaded:
             else f"fbgemm float16 GEMMs measured faster than float32 MKL with {torch.get_num_threads()} threads"
         )
     if big == "bf16":
-        packing = f"fbgemm-packed float16 weights below {_BF16_MIN_ROWS} rows, oneDNN bfloat16 (native) from there"
+        packing = "fbgemm-packed float16 weights for decode, oneDNN bfloat16 (native) for prompt prefill"
     else:
         packing = "fbgemm-packed float16 weights"
     fast = None
