@@ -1,11 +1,14 @@
 """Live job events for every stream of one API process, over ONE pub/sub connection.
 
-``EventHub.subscribe(job_id)`` confirms the subscription before it returns (or,
-with ``confirm=False``, once SUBSCRIBE is sent: the API enqueues the job while
-Redis confirms). ``Subscription.events``
-merges the live channel with the job's log: it replays from any ``seq``, fills
-gaps from the log, drops duplicates, and polls the log when the channel is
-quiet, so a lost message or a Redis restart never leaves a reader hanging.
+Each API process has an inbox channel, subscribed once at start-up: workers publish
+the events of the jobs this process submitted there, prefixed by the job id.
+``EventHub.attach(job_id)`` registers a reader for such a job before it is enqueued,
+so a request costs no pub/sub command at all. ``EventHub.subscribe(job_id)`` is for
+a job submitted elsewhere (a resumed stream): it subscribes to the job's own channel
+and returns once Redis confirmed it. ``Subscription.events`` merges the live events
+with the job's log: it replays from any ``seq``, fills gaps from the log, drops
+duplicates, and polls the log when the channel is quiet, so a lost message or a
+Redis restart never leaves a reader hanging.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
@@ -31,22 +37,10 @@ class RedisUnavailable(Exception):
 
 
 class Subscription:
-    def __init__(self, hub: EventHub, job_id: str):
-        self.hub, self.job_id = hub, job_id
+    def __init__(self, hub: EventHub, job_id: str, direct: bool = False):
+        self.hub, self.job_id, self.direct = hub, job_id, direct  # direct: fed from the inbox
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: the hub lost Redis
         self.arrived = asyncio.Event()
-        self.confirmed: asyncio.Future[None] | None = None  # Redis's SUBSCRIBE reply
-
-    async def confirm(self, timeout: float = 5.0) -> None:
-        """Wait until Redis confirmed the subscription: from then on, no event is missed."""
-        if self.confirmed is None:
-            return
-        try:
-            async with asyncio.timeout(timeout):
-                await self.confirmed
-        except REDIS_DOWN as exc:
-            self.hub._drop(self.hub.keys.events(self.job_id), self)  # as when SUBSCRIBE itself fails
-            raise RedisUnavailable(str(exc) or "timed out subscribing") from exc
 
     def put(self, raw: bytes | None) -> None:
         self.queue.put_nowait(raw)
@@ -117,6 +111,9 @@ class Subscription:
 class EventHub:
     def __init__(self, redis: Redis, keys: Keys):
         self.redis, self.keys = redis, keys
+        self.inbox = keys.inbox(f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+        self._inbox = self.inbox.encode()
+        self._direct: dict[str, Subscription] = {}  # job id → reader of a job this process submitted
         self._subs: dict[str, set[Subscription]] = {}  # channel → subscriptions
         self._confirm: dict[str, asyncio.Future[None]] = {}
         self._pubsub: PubSub | None = None
@@ -132,9 +129,19 @@ class EventHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def subscribe(self, job_id: str, timeout: float = 5.0, confirm: bool = True) -> Subscription:
-        """Subscribe to the job's channel; ``confirm=False`` returns once SUBSCRIBE is sent, and
-        ``sub.confirm()`` waits for Redis to confirm it."""
+    async def attach(self, job_id: str, timeout: float = 5.0) -> Subscription:
+        """A reader of a job this process is about to enqueue with ``reply_to=self.inbox``."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
+        except TimeoutError as exc:
+            raise RedisUnavailable("timed out waiting for the pub/sub connection") from exc
+        sub = Subscription(self, job_id, direct=True)
+        self._direct[job_id] = sub
+        return sub
+
+    async def subscribe(self, job_id: str, timeout: float = 5.0) -> Subscription:
+        """Subscribe to the job's channel; returns once Redis confirmed it: no later event is missed."""
         channel = self.keys.events(job_id)
         sub = Subscription(self, job_id)
         first = channel not in self._subs
@@ -145,16 +152,19 @@ class EventHub:
             async with asyncio.timeout(timeout):
                 await self._ready.wait()
                 assert self._pubsub is not None
-                sub.confirmed = self._confirm.setdefault(channel, asyncio.get_running_loop().create_future())
+                confirmed = self._confirm.setdefault(channel, asyncio.get_running_loop().create_future())
                 await self._pubsub.subscribe(channel)
+                await confirmed
         except REDIS_DOWN as exc:
             self._drop(channel, sub)
             raise RedisUnavailable(str(exc) or "timed out subscribing") from exc
-        if confirm:
-            await sub.confirm(timeout)
         return sub
 
     async def unsubscribe(self, sub: Subscription) -> None:
+        if sub.direct:
+            if self._direct.get(sub.job_id) is sub:
+                del self._direct[sub.job_id]
+            return
         channel = self.keys.events(sub.job_id)
         if self._drop(channel, sub) and self._pubsub is not None and self._ready.is_set():
             with contextlib.suppress(Exception):
@@ -177,10 +187,8 @@ class EventHub:
         while True:
             pubsub = self.redis.pubsub()
             try:
-                # A permanent subscription keeps the connection in pub/sub mode when no stream is open.
-                await pubsub.subscribe(self.keys.cancel, *self._subs)
-                self._pubsub = pubsub
-                self._ready.set()
+                await pubsub.subscribe(self.inbox, *self._subs)
+                self._pubsub = pubsub  # ready once Redis confirmed the inbox (in _dispatch)
                 delay = 0.1
                 await self._dispatch(pubsub)
             except REDIS_DOWN as exc:
@@ -191,6 +199,8 @@ class EventHub:
                 for subs in self._subs.values():
                     for sub in subs:
                         sub.put(None)
+                for sub in self._direct.values():
+                    sub.put(None)
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
             await asyncio.sleep(delay)
@@ -201,11 +211,19 @@ class EventHub:
             message = await pubsub.get_message(timeout=1.0)  # under the socket timeout: quiet is not dead
             if message is None:
                 continue
-            channel = message["channel"].decode()
             kind = message["type"]
+            if kind == "message" and message["channel"] == self._inbox:
+                job_id, _, data = message["data"].partition(b"\n")
+                direct = self._direct.get(job_id.decode())
+                if direct is not None:
+                    direct.put(data)
+                continue
+            channel = message["channel"].decode()
             if kind == "message":
                 for sub in self._subs.get(channel, ()):
                     sub.put(message["data"])
+            elif kind == "subscribe" and channel == self.inbox:
+                self._ready.set()
             elif kind == "subscribe":
                 confirmed = self._confirm.pop(channel, None)
                 if confirmed is not None and not confirmed.done():

@@ -97,18 +97,15 @@ class Serving:
         metrics.API_STREAMS_IN_FLIGHT.dec()
 
     async def submit(self, spec: JobSpec) -> Subscription:
-        """Subscribe, then enqueue; 429 when the model's queue is full (checked and enqueued in one
-        script). SUBSCRIBE goes out before the enqueue and its confirmation is awaited after it: one
-        round trip fewer before the job is queued. Redis runs SUBSCRIBE no later than the enqueue's
-        epoll round, and a worker needs two more round trips (read, start) before it can publish;
-        an event missed anyway is read from the job's log (a gap, or the quiet poll)."""
-        sub = await self.hub.subscribe(spec.id, confirm=False)
+        """Attach a reader, then enqueue with this process's inbox as the reply channel; 429 when
+        the model's queue is full (checked and enqueued in one script). The inbox was subscribed
+        at start-up, so a request costs one Redis round trip and no pub/sub command."""
+        sub = await self.hub.attach(spec.id)
         try:
-            added, depth = await self.store.enqueue(spec, self.settings.max_queue_depth)
+            added, depth = await self.store.enqueue(spec, self.settings.max_queue_depth, reply_to=self.hub.inbox)
             if not added:
                 raise APIError(429, f"The queue for `{spec.model}` is full ({depth} jobs waiting); retry later.",
                                type_="rate_limit_error", code="queue_full", headers={"Retry-After": "5"})
-            await sub.confirm()
         except BaseException:
             await sub.close()
             raise

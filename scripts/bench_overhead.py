@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """What the queue and relay cost, separated from the model's cost, with the synthetic engine.
 
-1. latency  — TTFT and ITL of the synthetic engine called in-process, then the same
-               load through API + Redis + worker: the difference is the system's own cost.
+1. latency  — TTFT and ITL of the synthetic engine called in-process, behind a bare HTTP
+               server in one process (scripts/direct_server.py: what serving an engine
+               directly costs), and through API + Redis + worker. System minus in-process
+               is everything the system adds; system minus direct HTTP is what the queue
+               and relay add.
 2. relay    — output tokens/s that ONE API process relays across many concurrent streams.
 3. scaling  — throughput with 1, 2 and 4 workers on one queue.
 
@@ -17,6 +20,8 @@ import argparse
 import asyncio
 import json
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.benchmark import BenchmarkConfig, latency_summary_ms, run_benchmark
-from scripts.stack import Stack
+from scripts.stack import ROOT, Stack, free_port
 from shared.settings import Settings
 from worker.engines.base import GenerationRequest, SamplingParams
 from worker.engines.synthetic import SyntheticEngine
@@ -68,6 +73,25 @@ def through_system(url: str, concurrency: int, requests: int, output_len: int) -
     return metrics
 
 
+def direct_http(rate: float, concurrency: int, requests: int, output_len: int) -> dict[str, Any]:
+    """The same load against the engine behind a bare HTTP server in one process."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "direct_server.py"), str(port), str(rate),
+                               str(concurrency)], cwd=ROOT)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        return through_system(f"http://127.0.0.1:{port}", concurrency, requests, output_len)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def stack(workers: int, **env: str) -> Stack:
     s = Stack(Settings().redis_url, f"bench{uuid.uuid4().hex[:6]}:", Path(tempfile.mkdtemp()), **env)
     for i in range(workers):
@@ -81,21 +105,23 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
     for conc in (1, 8):
         n = 32 if conc == 1 else 64
         alone = asyncio.run(engine_alone(rate, conc, n, out))
+        direct = direct_http(rate, conc, n, out)
         s = stack(1, synthetic_tokens_per_second=str(rate), max_batch_size=str(conc))
         try:
             system = through_system(s.api(), conc, n, out)
         finally:
             s.stop()
-        added = {f"{m}_{p}_ms": system[f"{m}_ms"][p] - alone[f"{m}_ms"][p] for m in ("ttft", "itl")
-                 for p in ("p50", "p99")}
-        print(f"\n## Latency added by queue + relay (synthetic {rate:.0f} tok/s per stream, {conc} concurrent "
-              f"streams, {n} requests)")
-        print("| | engine alone | through the system | added |\n|---|---|---|---|")
-        for metric in ("ttft", "itl"):
-            for p in ("p50", "p99"):
-                print(f"| {metric.upper()} {p} (ms) | {alone[f'{metric}_ms'][p]:.2f} | "
-                      f"{system[f'{metric}_ms'][p]:.2f} | {added[f'{metric}_{p}_ms']:+.2f} |")
-        report[f"concurrency_{conc}"] = {"engine_alone": alone, "system": system, "added": added}
+        keys = [(m, p) for m in ("ttft", "itl") for p in ("p50", "p99")]
+        added = {f"{m}_{p}_ms": system[f"{m}_ms"][p] - alone[f"{m}_ms"][p] for m, p in keys}
+        queue_relay = {f"{m}_{p}_ms": system[f"{m}_ms"][p] - direct[f"{m}_ms"][p] for m, p in keys}
+        print(f"\n## Latency added (synthetic {rate:.0f} tok/s per stream, {conc} concurrent streams, {n} requests)")
+        print("| | engine in-process | engine behind HTTP | through the system | added by the system "
+              "| added by queue + relay |\n|---|---|---|---|---|---|")
+        for m, p in keys:
+            print(f"| {m.upper()} {p} (ms) | {alone[f'{m}_ms'][p]:.2f} | {direct[f'{m}_ms'][p]:.2f} | "
+                  f"{system[f'{m}_ms'][p]:.2f} | {added[f'{m}_{p}_ms']:+.2f} | {queue_relay[f'{m}_{p}_ms']:+.2f} |")
+        report[f"concurrency_{conc}"] = {"engine_alone": alone, "engine_http": direct, "system": system,
+                                         "added": added, "added_by_queue_relay": queue_relay}
     return report
 
 

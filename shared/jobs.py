@@ -1,9 +1,13 @@
 """The job model and every Redis operation on jobs, for both sides.
 
 Lifecycle: queued → running → succeeded | failed | cancelled | expired.
-A job is a hash (spec, status, owner, attempts, worker, timings, result) plus a
-log (list of events, index = seq) and a pub/sub channel for live events. The
-stream entry that delivers it to a worker carries only its id.
+A job is a hash (spec, status, owner, attempts, worker, timings, result, the
+inbox of the API pod that submitted it) plus a log (list of events, index = seq).
+Live events are published twice: to the submitting pod's inbox (prefixed by the
+job id) and to the job's own channel, for readers that resume it elsewhere. The
+stream entry that delivers it to a worker carries its id and, when it is the
+job's first entry, its spec (a worker starts the engine on it without waiting
+for the start script's reply).
 
 Writes that must not race are Lua scripts: a worker's emit is fenced by the
 job's ``worker`` and ``attempts`` fields, so a worker whose job was taken over
@@ -16,7 +20,7 @@ import hashlib
 import secrets
 import time
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 from pydantic import BaseModel, Field
@@ -69,6 +73,15 @@ class JobSpec(BaseModel):
     webhook: dict[str, Any] | None = None
 
 
+class Entry(NamedTuple):
+    """A stream entry delivered to a worker; ``spec`` (JSON) only on the job's first entry."""
+
+    stream: str
+    entry: str
+    job_id: str
+    spec: bytes | None = None
+
+
 def new_job_id() -> str:
     return "job-" + secrets.token_urlsafe(18)  # 144 random bits: unguessable
 
@@ -105,13 +118,13 @@ return {queue_state(1, ARGV[1])}
 """
 
 # KEYS: job hash, its stream, models set, owner's listing, then all the model's streams
-# ARGV: max depth, group, model, job id, created_at, listing cutoff, then the hash's field/value pairs
-# Returns {1 if enqueued else 0, the queue's depth before}.
+# ARGV: max depth, group, model, job id, created_at, listing cutoff, spec, then the hash's field/value
+# pairs. Returns {1 if enqueued else 0, the queue's depth before}.
 _ENQUEUE = _QUEUE_STATE_FN + """
 local depth = queue_state(5, ARGV[2])
 if depth >= tonumber(ARGV[1]) then return {0, depth} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
-redis.call('XADD', KEYS[2], '*', 'id', ARGV[4])
+redis.call('HSET', KEYS[1], 'spec', ARGV[7], unpack(ARGV, 8))
+redis.call('XADD', KEYS[2], '*', 'id', ARGV[4], 'spec', ARGV[7])
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[6])
@@ -121,16 +134,16 @@ return {1, depth}
 _READ = """
 -- KEYS: a model's streams in the order to read them. ARGV: group, consumer, how many entries.
 -- Reads each stream in turn (XREADGROUP >, no blocking) until enough were found: one round trip.
+-- Returns {stream, entry id, job id, spec or ''} each.
 local want, out = tonumber(ARGV[3]), {}
 for _, stream in ipairs(KEYS) do
   if want <= 0 then break end
   local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', want, 'STREAMS', stream, '>')
   if reply then
     for _, item in ipairs(reply[1][2]) do
-      local fields = item[2]
-      for j = 1, #fields, 2 do
-        if fields[j] == 'id' then table.insert(out, {stream, item[1], fields[j + 1]}) end
-      end
+      local fields, f = item[2], {}
+      for j = 1, #fields, 2 do f[fields[j]] = fields[j + 1] end
+      if f['id'] then table.insert(out, {stream, item[1], f['id'], f['spec'] or ''}) end
       want = want - 1
     end
   end
@@ -151,30 +164,40 @@ redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
 return {n, 'running', redis.call('LLEN', KEYS[2]), redis.call('HGET', KEYS[1], 'spec')}
 """
 
+# Publishes live events to the job's channel and, prefixed by the job id, to the inbox of the
+# API pod that submitted it (the hash's reply_to).
+_PUBLISH_FN = """
+local function publish(reply_to, channel, job_id, payload)
+  redis.call('PUBLISH', channel, payload)
+  if reply_to then redis.call('PUBLISH', reply_to, job_id .. '\\n' .. payload) end
+end
+"""
+
 # KEYS[1] job, KEYS[2] log. ARGV[1] worker, ARGV[2] attempt, ARGV[3] channel,
-# ARGV[4] first seq, ARGV[5] now, ARGV[6..] encoded events.
+# ARGV[4] first seq, ARGV[5] now, ARGV[6] job id, ARGV[7..] encoded events.
 # 1 = written; 0 = fenced off (job taken over, cancelled or gone).
-_EMIT = """
-local h = redis.call('HMGET', KEYS[1], 'worker', 'attempts', 'status')
+_EMIT = _PUBLISH_FN + """
+local h = redis.call('HMGET', KEYS[1], 'worker', 'attempts', 'status', 'reply_to')
 if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or h[3] ~= 'running' then return 0 end
 if redis.call('LLEN', KEYS[2]) ~= tonumber(ARGV[4]) then return 0 end
 if tonumber(ARGV[4]) == 0 then redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[5]) end
 local events = {}
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   redis.call('RPUSH', KEYS[2], ARGV[i])
   events[#events + 1] = ARGV[i]
 end
-redis.call('PUBLISH', ARGV[3], table.concat(events, '\\n'))
+publish(h[4], ARGV[3], ARGV[6], table.concat(events, '\\n'))
 return 1
 """
 
 # KEYS[1] job, KEYS[2] log. ARGV[1] worker ('' = anyone: API cancel, dead letter),
 # ARGV[2] attempt, ARGV[3] channel, ARGV[4] ttl, ARGV[5] status, ARGV[6] now,
 # ARGV[7] json of hash fields to set, ARGV[8] final event json without seq, ARGV[9] the seq the
-# writer expects its terminal event to get (-1: any). Appends the terminal event with the next seq,
-# sets the status, starts the TTL. A worker's finish after a lost emit is refused: no gap, ever.
-_FINISH = """
-local h = redis.call('HMGET', KEYS[1], 'worker', 'attempts', 'status')
+# writer expects its terminal event to get (-1: any), ARGV[10] job id. Appends the terminal event
+# with the next seq, sets the status, starts the TTL. A worker's finish after a lost emit is
+# refused: no gap, ever.
+_FINISH = _PUBLISH_FN + """
+local h = redis.call('HMGET', KEYS[1], 'worker', 'attempts', 'status', 'reply_to')
 if not h[3] then return 0 end
 if h[3] ~= 'queued' and h[3] ~= 'running' then return 0 end
 if ARGV[1] ~= '' and (h[1] ~= ARGV[1] or h[2] ~= ARGV[2]) then return 0 end
@@ -184,7 +207,7 @@ local ev = cjson.decode(ARGV[8])
 ev['seq'] = n
 local raw = cjson.encode(ev)
 redis.call('RPUSH', KEYS[2], raw)
-redis.call('PUBLISH', ARGV[3], raw)
+publish(h[4], ARGV[3], ARGV[10], raw)
 redis.call('HSET', KEYS[1], 'status', ARGV[5], 'finished_at', ARGV[6])
 for k, v in pairs(cjson.decode(ARGV[7])) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -234,22 +257,24 @@ class JobStore:
         depth, pending = await self._queue_state(lanes(self.keys, model), [GROUP])
         return {"depth": int(depth), "pending": int(pending)}
 
-    async def enqueue(self, spec: JobSpec, max_depth: int | None = None) -> tuple[bool, int]:
+    async def enqueue(self, spec: JobSpec, max_depth: int | None = None, reply_to: str = "") -> tuple[bool, int]:
         """Write the job hash and add it to its model's stream, atomically, unless the model's
-        queue already holds ``max_depth`` waiting jobs: (enqueued, the queue's depth before)."""
+        queue already holds ``max_depth`` waiting jobs: (enqueued, the queue's depth before).
+        ``reply_to``: the submitting API pod's inbox, where workers publish the live events."""
         fields = {
             "id": spec.id,
             "status": JobStatus.queued,
-            "spec": spec.model_dump_json(),
             "model": spec.model,
             "owner": spec.owner,
             "attempts": 0,
             "created_at": spec.created_at,
         }
+        if reply_to:
+            fields["reply_to"] = reply_to
         keys = [self.keys.job(spec.id), self.keys.jobs(spec.model, spec.priority), self.keys.models,
                 self.keys.owner_jobs(spec.owner or "_"), *lanes(self.keys, spec.model)]
         args: list[Any] = [max_depth or 1 << 62, GROUP, spec.model, spec.id, repr(spec.created_at),
-                           repr(spec.created_at - self.result_ttl)]
+                           repr(spec.created_at - self.result_ttl), spec.model_dump_json()]
         for name, value in fields.items():
             args += [name, value if isinstance(value, str) else repr(value)]
         added, depth = await self._enqueue(keys, args)
@@ -271,11 +296,12 @@ class JobStore:
         return ok
 
     # ── worker side ──
-    async def read(self, streams: list[str], consumer: str, count: int) -> list[tuple[str, str, str]]:
+    async def read(self, streams: list[str], consumer: str, count: int) -> list[Entry]:
         """Up to ``count`` new entries for ``consumer``, taken from ``streams`` in that order (no
-        waiting): (stream, entry id, job id) each."""
+        waiting)."""
         reply = await self._read(streams, [GROUP, consumer, count])
-        return [(stream.decode(), entry.decode(), job_id.decode()) for stream, entry, job_id in reply]
+        return [Entry(stream.decode(), entry.decode(), job_id.decode(), spec or None)
+                for stream, entry, job_id, spec in reply]
 
     async def start(self, job_id: str, worker: str, max_attempts: int) -> tuple[int, str, int, JobSpec | None]:
         """Take the job for one attempt: (attempt, status, events already logged, spec)."""
@@ -290,7 +316,7 @@ class JobStore:
         """Queue a fenced append of ``events`` on ``pipe`` (one engine step, pipelined)."""
         await self._emit(
             keys=[self.keys.job(job_id), self.keys.log(job_id)],
-            args=[worker, attempt, self.keys.events(job_id), events[0].seq, time.time(),
+            args=[worker, attempt, self.keys.events(job_id), events[0].seq, time.time(), job_id,
                   *(e.encode() for e in events)],
             client=pipe,
         )
@@ -313,7 +339,7 @@ class JobStore:
             keys=[self.keys.job(job_id), self.keys.log(job_id)],
             args=[worker, attempt, self.keys.events(job_id), self.result_ttl, str(status),
                   time.time(), orjson.dumps(extra), orjson.dumps(final or {"finish_reason": "stop"}),
-                  expected_seq],
+                  expected_seq, job_id],
             client=client,
         )
         return bool(result)

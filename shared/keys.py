@@ -29,8 +29,13 @@ class Keys:
         return f"{self.prefix}job:{{{job_id}}}:log"
 
     def events(self, job_id: str) -> str:
-        """The pub/sub channel of the job's live events."""
+        """The pub/sub channel of the job's live events (for readers that resume it)."""
         return f"{self.prefix}job:{{{job_id}}}:events"
+
+    def inbox(self, pod: str) -> str:
+        """The pub/sub channel of one API pod: the live events of every job it submitted, each
+        message prefixed by the job id. One subscription per pod, none per request."""
+        return f"{self.prefix}inbox:{pod}"
 
     def idempotency(self, owner: str, key: str) -> str:
         return f"{self.prefix}idem:{owner}:{key}"

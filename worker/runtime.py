@@ -2,7 +2,9 @@
 
 Tasks, all on one event loop (the engine runs its model off-loop):
 - ``_read_loop``    XREADGROUP up to the free batch capacity, highest lane first.
-- ``_run_job``      one per job: start (fenced), resume from the log, relay deltas.
+- ``_run_job``      one per job: start (fenced), resume from the log, relay deltas. A job's
+                    first delivery carries its spec: the engine starts on it at once and
+                    the first event waits for the start script's verdict.
 - ``_publish_loop`` flushes every buffered event in one pipeline per engine step.
 - ``_heartbeat_loop`` liveness key, keeps own entries fresh, takes over the
   entries of dead workers (XAUTOCLAIM), which continue from the job's log.
@@ -28,7 +30,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from shared import metrics, webhooks
 from shared.events import Event
-from shared.jobs import REDIS_DOWN, JobSpec, JobStatus, JobStore, ensure_group, lanes
+from shared.jobs import REDIS_DOWN, Entry, JobSpec, JobStatus, JobStore, ensure_group, lanes
 from shared.keys import GROUP, Keys
 from shared.settings import Settings
 from worker.engines.base import Engine, EngineRequestError, GenerationRequest, SamplingParams
@@ -49,6 +51,14 @@ class Active:
     attempt: int = 0
     spec: JobSpec | None = None
     why_stopped: str = ""  # "cancel" | "handback" | "fenced"
+    first_spec: bytes | None = None  # the spec carried by the job's first stream entry
+
+
+class _NotFirst(Exception):
+    """The start script says this is no first attempt after all: run the job the ordinary way."""
+
+    def __init__(self, started: tuple[int, str, int, JobSpec | None]):
+        self.started = started
 
 
 @dataclass
@@ -186,8 +196,10 @@ class Worker:
                 log.warning("redis unreachable while reading (%s)", exc)
                 await asyncio.sleep(1.0)
                 continue
-            for stream, entry, job_id in entries:
-                self._launch(stream, entry, job_id)
+            for stream, entry, job_id, spec in entries:
+                self._launch(stream, entry, job_id, spec)
+            if entries:
+                await asyncio.sleep(0)  # the new jobs reach the engine before the next read goes out
 
     async def _lane_order(self) -> list[str]:
         """Highest lane first; but a lower lane whose next job has waited past PRIORITY_AGING goes
@@ -209,7 +221,7 @@ class Worker:
         head = await self.redis.xrange(stream, min=b"(" + delivered, count=1)
         return int(head[0][0].split(b"-")[0]) if head else None
 
-    async def _read_entries(self, count: int) -> list[tuple[str, str, str]]:
+    async def _read_entries(self, count: int) -> list[Entry]:
         found = await self.store.read(await self._lane_order(), self.name, count)
         if found:
             return found
@@ -217,10 +229,10 @@ class Worker:
         reply = await self.redis.xreadgroup(GROUP, self.name, dict.fromkeys(self.lanes, ">"), count=count, block=1000)
         return _entries(reply)
 
-    def _launch(self, stream: str, entry: str, job_id: str) -> None:
+    def _launch(self, stream: str, entry: str, job_id: str, first_spec: bytes | None = None) -> None:
         if job_id in self.active:
             return
-        job = Active(job_id, stream, entry)
+        job = Active(job_id, stream, entry, first_spec=first_spec)
         self.active[job_id] = job
         job.task = asyncio.create_task(self._run_job(job))
 
@@ -269,7 +281,38 @@ class Worker:
             await self._with_redis(ack, attempts=20)
 
     async def _run(self, job: Active) -> str:
-        attempt, status, log_len, spec = await self.store.start(job.job_id, self.name, self.settings.max_attempts)
+        if job.first_spec is not None:
+            spec = JobSpec.model_validate_json(job.first_spec)
+            if not (spec.deadline and time.time() > spec.deadline):
+                return await self._run_first(job, spec)
+        return await self._run_started(job, await self.store.start(job.job_id, self.name, self.settings.max_attempts))
+
+    async def _run_first(self, job: Active, spec: JobSpec) -> str:
+        """A first delivery: the engine starts while the start script is in flight (one round trip
+        off the time to first token); nothing is written before the script said this is attempt 1
+        of a queued job with an empty log. Otherwise the engine's work is dropped and the job runs
+        the ordinary way (cancelled while queued: skipped; a stray redelivery: resumed)."""
+        start = asyncio.ensure_future(self.store.start(job.job_id, self.name, self.settings.max_attempts))
+
+        async def verdict() -> None:
+            started = await start
+            attempt, _, log_len, _ = started
+            if attempt != 1 or log_len:
+                raise _NotFirst(started)
+            job.attempt, job.spec = attempt, spec
+            await webhooks.notify(self.redis, self.settings, spec, JobStatus.running)
+
+        try:
+            return await self._generate(job, spec, [], verdict)
+        except _NotFirst as exc:
+            return await self._run_started(job, exc.started)
+        finally:
+            if not start.done():  # a hand-back must find the attempt counted
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(start)
+
+    async def _run_started(self, job: Active, started: tuple[int, str, int, JobSpec | None]) -> str:
+        attempt, status, log_len, spec = started
         if attempt == 0 or spec is None:
             if status == "exhausted":
                 await self._dead_letter(job, log_len)
@@ -289,7 +332,10 @@ class Worker:
             log.info("job %s: attempt %d resumes after %d events", job.job_id, attempt, log_len)
         return await self._generate(job, spec, previous)
 
-    async def _generate(self, job: Active, spec: JobSpec, previous: list[Event]) -> str:
+    async def _generate(self, job: Active, spec: JobSpec, previous: list[Event],
+                        admitted: Callable[[], Awaitable[None]] | None = None) -> str:
+        """Run the engine and relay its deltas; ``admitted`` (if given) must return before the first
+        write: it may raise to drop the engine's work."""
         request = GenerationRequest(
             id=job.job_id,
             params=SamplingParams(**spec.sampling.model_dump()),
@@ -301,6 +347,9 @@ class Worker:
         try:
             async with contextlib.aclosing(self.engine.generate(request)) as deltas:  # type: ignore[type-var]
                 async for delta in deltas:
+                    if admitted is not None:
+                        await admitted()
+                        admitted = None
                     self._m_tokens.inc(len(delta.token_ids))
                     if delta.finish_reason is None:
                         self._push(_Pending(job, [Event(seq, delta.text, delta.token_ids)]))
@@ -311,6 +360,8 @@ class Worker:
                     final = Event(seq, delta.text, delta.token_ids, delta.finish_reason, usage)
                     return await self._finish(job, JobStatus.succeeded, final)
         except EngineRequestError as exc:
+            if admitted is not None:
+                await admitted()
             error = {"message": str(exc), "type": "invalid_request_error", "code": exc.code,
                      "param": exc.param, "status": 400}
             await self._finish(job, JobStatus.failed, Event(seq, finish_reason="error", error=error))
@@ -473,12 +524,9 @@ class Worker:
             self._stop(job, "cancel")
 
 
-def _entries(reply: Any) -> list[tuple[str, str, str]]:
-    out = []
-    for stream, items in reply or []:
-        for entry, fields in items:
-            out.append((stream.decode(), entry.decode(), fields[b"id"].decode()))
-    return out
+def _entries(reply: Any) -> list[Entry]:
+    return [Entry(stream.decode(), entry.decode(), fields[b"id"].decode(), fields.get(b"spec"))
+            for stream, items in reply or [] for entry, fields in items]
 
 
 def _merge_emits(items: list[_Pending]) -> list[_Pending]:

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 from shared.settings import Settings
 from worker.engines.base import (
+    BURST_GAP_S,
+    BURST_MAX_S,
     Delta,
     Engine,
     EngineRequestError,
@@ -158,6 +160,8 @@ class VllmEngine(Engine):
         self.vocab_size = 0
         self._llm: AsyncLLM | None = None
         self._running = 0
+        self._burst: asyncio.Event | None = None  # set when the requests of a burst may go in
+        self._burst_size = 0
 
     # ── lifecycle ────────────────────────────────────────────────────────────
     def _dtype(self) -> str:
@@ -298,6 +302,28 @@ class VllmEngine(Engine):
                 "completion). Please reduce the length of the prompt or max_tokens.",
                 param=param, code="context_length_exceeded")
 
+    async def _gather_burst(self) -> None:
+        """An idle engine lets a burst gather before any of it goes in: vLLM then schedules the
+        burst's prompts in one step instead of prefilling the first alone (``BURST_GAP_S``)."""
+        if self._running:
+            return  # steps are running: the request joins the next one
+        if self._burst is not None:
+            self._burst_size += 1
+            await self._burst.wait()
+            return
+        loop = asyncio.get_running_loop()
+        self._burst, self._burst_size = asyncio.Event(), 1
+        deadline = loop.time() + BURST_MAX_S
+        try:
+            while self._burst_size < self.max_batch_size and (left := deadline - loop.time()) > 0:
+                seen = self._burst_size
+                await asyncio.sleep(min(BURST_GAP_S, left))
+                if self._burst_size == seen:
+                    break
+        finally:
+            self._burst.set()
+            self._burst = None
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if self._llm is None:
             raise RuntimeError("vllm engine not started")
@@ -335,6 +361,7 @@ class VllmEngine(Engine):
             engine_input = self._engine_input(prompt_ids + resumed)
         except (VLLMClientError, ValueError) as exc:
             raise EngineRequestError(str(exc), param="messages" if request.messages is not None else "prompt") from exc
+        await self._gather_burst()
         stream = self._llm.generate(engine_input, sampling, request_id)
         started = False
         released = False
