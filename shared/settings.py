@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     use_flash_attention: bool = False
     load_in_8bit: bool = False
     cpu_lanes: int = Field(0, ge=0, le=2)  # transformers on CPU: threads splitting each batch; 0 = auto (2 on 2 cores)
+    # transformers on a bf16 CPU: decode on fbgemm whatever the batch (greedy output batch-invariant, resume
+    # exact); false: decode batches of 5+ rows a lane on bf16 too, faster from ~10 streams on
+    exact_decode: bool = True
     upstream_url: str = ""  # openai engine: base URL of an OpenAI-compatible server (…/v1)
     upstream_api_key: str = ""
     upstream_model: str = ""  # model name at the upstream; defaults to MODEL

@@ -423,9 +423,12 @@ class _PackedLinear(nn.Module):
     must get the numbers of a whole prefill); every decode step, and the recompute
     of a resumed stream's delivered tokens, takes fbgemm. Greedy output then does not
     depend on the batch, and a resumed stream continues as the original would have.
+    ``EXACT_DECODE=false`` gives that up for speed: decode GEMMs of
+    ``decode_big_min_rows`` rows or more take the big copy too.
     """
 
     big_min_rows = 1 << 30
+    decode_big_min_rows = 1 << 30
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, big: str = ""):
         super().__init__()
@@ -440,7 +443,7 @@ class _PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if not prefill or x2.shape[0] < self.big_min_rows or (self.bf16 is None and self.dense is None):
+        if x2.shape[0] < (self.big_min_rows if prefill else self.decode_big_min_rows):
             out = torch.ops.aten.fbgemm_linear_fp16_weight(x2, self.packed, self.bias_)
         elif self.bf16 is not None:
             out = torch.ops.mkldnn._linear_pointwise(x2.bfloat16(), self.bf16, None, "none", [], "").float()
@@ -453,6 +456,7 @@ class _PackedLinear(nn.Module):
 
 
 _BF16_MIN_ROWS = 1  # a prompt prefill of any size: its numbers must not depend on how it was split
+_BF16_DECODE_MIN_ROWS = 5  # EXACT_DECODE=false: measured, bf16 beats fbgemm fp16 from 5 rows on (Zen 4)
 
 
 def _mkldnn_bf16_available() -> bool:
@@ -669,7 +673,7 @@ class _FastDecoder:
     def _script_layers(self, batch: _Decode, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         s = self.script
         assert s is not None
-        big = 0  # decode numerics: fbgemm whatever the batch (see _PackedLinear)
+        big = s["big"] if x.shape[0] >= _PackedLinear.decode_big_min_rows else 0  # see _PackedLinear
         cache = batch.cache
         return s["fn"](x, cos, sin, s["norms"], s["fp16"], s["big_w"], s["biases"], s["has_bias"], big, cache.k,
                        cache.v, batch.rows, batch.pos, batch.first, batch.kv_len, batch.mask3, s["dims"], s["eps"],
@@ -1590,8 +1594,12 @@ def _load(settings: Settings) -> _Loaded:
             if big
             else f"fbgemm float16 GEMMs measured faster than float32 MKL with {torch.get_num_threads()} threads"
         )
+    exact = big != "bf16" or settings.exact_decode
+    _PackedLinear.decode_big_min_rows = 1 << 30 if exact else _BF16_DECODE_MIN_ROWS
     if big == "bf16":
         packing = "fbgemm-packed float16 weights for decode, oneDNN bfloat16 (native) for prompt prefill"
+        if not exact:
+            packing += f" and decode GEMMs from {_BF16_DECODE_MIN_ROWS} rows (EXACT_DECODE=false)"
     else:
         packing = "fbgemm-packed float16 weights"
     fast = None
