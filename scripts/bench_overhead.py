@@ -20,8 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.benchmark import BenchmarkConfig, latency_summary_ms, run_benchmark
+from scripts.compare import external
 from scripts.stack import ROOT, Stack, free_port
 from shared.settings import Settings
 from worker.engines.base import GenerationRequest, SamplingParams
@@ -76,20 +75,9 @@ def through_system(url: str, concurrency: int, requests: int, output_len: int) -
 def direct_http(rate: float, concurrency: int, requests: int, output_len: int) -> dict[str, Any]:
     """The same load against the engine behind a bare HTTP server in one process."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "direct_server.py"), str(port), str(rate),
-                               str(concurrency)], cwd=ROOT)
-    try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.1)
-        return through_system(f"http://127.0.0.1:{port}", concurrency, requests, output_len)
-    finally:
-        server.terminate()
-        server.wait(10)
+    args = [sys.executable, str(ROOT / "scripts" / "direct_server.py"), str(port), str(rate), str(concurrency)]
+    with external(args, {}, port) as url:
+        return through_system(url, concurrency, requests, output_len)
 
 
 def stack(workers: int, **env: str) -> Stack:

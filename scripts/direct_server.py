@@ -31,6 +31,10 @@ from worker.engines.synthetic import SyntheticEngine
 def create_app(engine: SyntheticEngine) -> FastAPI:
     app = FastAPI()
 
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": engine.model, "object": "model"}]}
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> EventStream:
         body = await request.json()

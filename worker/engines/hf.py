@@ -1580,6 +1580,7 @@ def _load(settings: Settings) -> _Loaded:
 
     weights = str(dtype).removeprefix("torch.")
     big = ""  # the second weight copy of _PackedLinear, for many rows
+    _PackedLinear.big_min_rows = 1 << 30  # class-wide: an earlier load in this process must not leak in
     if packed and requested == "auto" and _mkldnn_bf16_available():
         big, _PackedLinear.big_min_rows = "bf16", _BF16_MIN_ROWS
     elif packed and torch.get_num_threads() > 1:  # MKL runs float32 GEMMs multi-threaded; fbgemm does not
