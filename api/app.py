@@ -14,7 +14,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from redis.asyncio import Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -23,7 +22,7 @@ from api.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from api.relay import RedisUnavailable
 from api.serving import Serving, owner_of
 from api.sse import EventStream
-from shared import metrics
+from shared import metrics, redisconn
 from shared.jobs import REDIS_DOWN, TERMINAL, JobStatus
 from shared.settings import Settings, get_settings
 
@@ -33,8 +32,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5,
-                               health_check_interval=10)
+        redis = redisconn.connect(settings.redis_url, socket_connect_timeout=2, socket_timeout=5,
+                                  health_check_interval=10)
         serving = Serving(settings, redis)
         await serving.hub.start()
         app.state.serving = serving

@@ -131,11 +131,12 @@ class EventHub:
 
     async def attach(self, job_id: str, timeout: float = 5.0) -> Subscription:
         """A reader of a job this process is about to enqueue with ``reply_to=self.inbox``."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._ready.wait()
-        except TimeoutError as exc:
-            raise RedisUnavailable("timed out waiting for the pub/sub connection") from exc
+        if not self._ready.is_set():
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
+            except TimeoutError as exc:
+                raise RedisUnavailable("timed out waiting for the pub/sub connection") from exc
         sub = Subscription(self, job_id, direct=True)
         self._direct[job_id] = sub
         return sub

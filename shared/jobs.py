@@ -151,8 +151,8 @@ end
 return out
 """
 
-# KEYS[1] job hash, KEYS[2] log. ARGV[1] worker, ARGV[2] now, ARGV[3] max attempts.
-# Returns {attempt, status, log length, spec}; attempt 0 = do not run (status says why).
+# KEYS[1] job hash, KEYS[2] log. ARGV[1] worker, ARGV[2] now, ARGV[3] max attempts, ARGV[4] '1' to
+# return the spec. Returns {attempt, status, log length, spec?}; attempt 0 = do not run (status says why).
 _START = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {0, 'missing', 0} end
@@ -161,7 +161,9 @@ local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if n > tonumber(ARGV[3]) then return {0, 'exhausted', n} end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
-return {n, 'running', redis.call('LLEN', KEYS[2]), redis.call('HGET', KEYS[1], 'spec')}
+local n_log = redis.call('LLEN', KEYS[2])
+if ARGV[4] ~= '1' then return {n, 'running', n_log} end
+return {n, 'running', n_log, redis.call('HGET', KEYS[1], 'spec')}
 """
 
 # Publishes live events to the job's channel and, prefixed by the job id, to the inbox of the
@@ -193,9 +195,10 @@ return 1
 # KEYS[1] job, KEYS[2] log. ARGV[1] worker ('' = anyone: API cancel, dead letter),
 # ARGV[2] attempt, ARGV[3] channel, ARGV[4] ttl, ARGV[5] status, ARGV[6] now,
 # ARGV[7] json of hash fields to set, ARGV[8] final event json without seq, ARGV[9] the seq the
-# writer expects its terminal event to get (-1: any), ARGV[10] job id. Appends the terminal event
-# with the next seq, sets the status, starts the TTL. A worker's finish after a lost emit is
-# refused: no gap, ever.
+# writer expects its terminal event to get (-1: any), ARGV[10] job id; a worker's finish also
+# has KEYS[3] the job's stream, ARGV[11] group, ARGV[12] its entry, acked and deleted with it.
+# Appends the terminal event with the next seq, sets the status, starts the TTL. A worker's
+# finish after a lost emit is refused: no gap, ever.
 _FINISH = _PUBLISH_FN + """
 local h = redis.call('HMGET', KEYS[1], 'worker', 'attempts', 'status', 'reply_to')
 if not h[3] then return 0 end
@@ -212,6 +215,10 @@ redis.call('HSET', KEYS[1], 'status', ARGV[5], 'finished_at', ARGV[6])
 for k, v in pairs(cjson.decode(ARGV[7])) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+if KEYS[3] then
+  redis.call('XACK', KEYS[3], ARGV[11], ARGV[12])
+  redis.call('XDEL', KEYS[3], ARGV[12])
+end
 return 1
 """
 
@@ -303,11 +310,13 @@ class JobStore:
         return [Entry(stream.decode(), entry.decode(), job_id.decode(), spec or None)
                 for stream, entry, job_id, spec in reply]
 
-    async def start(self, job_id: str, worker: str, max_attempts: int) -> tuple[int, str, int, JobSpec | None]:
-        """Take the job for one attempt: (attempt, status, events already logged, spec)."""
+    async def start(self, job_id: str, worker: str, max_attempts: int,
+                    with_spec: bool = True) -> tuple[int, str, int, JobSpec | None]:
+        """Take the job for one attempt: (attempt, status, events already logged, spec); the spec
+        is None unless the attempt may run and ``with_spec``."""
         attempt, status, log_len, *spec = await self._start(
             keys=[self.keys.job(job_id), self.keys.log(job_id)],
-            args=[worker, time.time(), max_attempts],
+            args=[worker, time.time(), max_attempts, "1" if with_spec else "0"],
         )
         status = status.decode() if isinstance(status, bytes) else status
         return int(attempt), status, int(log_len), JobSpec.model_validate_json(spec[0]) if spec else None
@@ -323,9 +332,10 @@ class JobStore:
 
     async def finish(self, job_id: str, status: JobStatus, event: Event,
                      fields: dict[str, Any] | None = None, worker: str = "", attempt: int = 0,
-                     expected_seq: int = -1, client: Any = None) -> bool:
+                     expected_seq: int = -1, client: Any = None, entry: tuple[str, str] | None = None) -> bool:
         """Append the terminal event (seq assigned here; refused unless it is ``expected_seq``
-        when that is given) and end the job."""
+        when that is given) and end the job; ``entry`` (stream, entry id): the worker's delivery,
+        acked and deleted in the same script."""
         extra = dict(fields or {})
         if event.usage:
             extra["usage"] = orjson.dumps(event.usage).decode()
@@ -335,13 +345,14 @@ class JobStore:
             extra["finish_reason"] = event.finish_reason
         final = orjson.loads(event.encode())
         final.pop("seq", None)
-        result = await self._finish(
-            keys=[self.keys.job(job_id), self.keys.log(job_id)],
-            args=[worker, attempt, self.keys.events(job_id), self.result_ttl, str(status),
-                  time.time(), orjson.dumps(extra), orjson.dumps(final or {"finish_reason": "stop"}),
-                  expected_seq, job_id],
-            client=client,
-        )
+        keys = [self.keys.job(job_id), self.keys.log(job_id)]
+        args = [worker, attempt, self.keys.events(job_id), self.result_ttl, str(status),
+                time.time(), orjson.dumps(extra), orjson.dumps(final or {"finish_reason": "stop"}),
+                expected_seq, job_id]
+        if entry is not None:
+            keys.append(entry[0])
+            args += [GROUP, entry[1]]
+        result = await self._finish(keys=keys, args=args, client=client)
         return bool(result)
 
     async def fail(self, job_id: str, message: str, *, type_: str = "server_error",

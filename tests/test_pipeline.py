@@ -157,6 +157,8 @@ async def test_two_workers_share_one_queue_and_serve_each_job_once(make_stack):
         assert job["attempts"] == "1" and stack.redis.llen(f"{stack.prefix}job:{{{job_id}}}:log") == 10
     served_by = {stack.job(job_id)["worker"] for job_id, _ in results}
     assert served_by == {"wa", "wb"}
+    stream = f"{stack.prefix}jobs:{MODEL}"  # every entry acked and deleted with its job's finish
+    assert stack.redis.xlen(stream) == 0 and stack.redis.xpending(stream, "workers")["pending"] == 0
 
 
 async def test_worker_killed_mid_stream_is_taken_over_without_gap_or_duplicate(make_stack):

@@ -28,7 +28,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from shared import metrics, webhooks
+from shared import metrics, redisconn, webhooks
 from shared.events import Event
 from shared.jobs import REDIS_DOWN, Entry, JobSpec, JobStatus, JobStore, ensure_group, lanes
 from shared.keys import GROUP, Keys
@@ -52,6 +52,7 @@ class Active:
     spec: JobSpec | None = None
     why_stopped: str = ""  # "cancel" | "handback" | "fenced"
     first_spec: bytes | None = None  # the spec carried by the job's first stream entry
+    acked: bool = False  # the finish script acked the entry
 
 
 class _NotFirst(Exception):
@@ -77,7 +78,7 @@ class Worker:
         self.engine = engine
         self.name = settings.worker_name
         self.model = engine.model or settings.served_model_name
-        self.redis = redis or Redis.from_url(settings.redis_url, health_check_interval=10)
+        self.redis = redis or redisconn.connect(settings.redis_url, health_check_interval=10)
         self.keys = Keys(settings.redis_prefix)
         self.store = JobStore(self.redis, self.keys, settings.result_ttl)
         self.lanes = lanes(self.keys, self.model)
@@ -257,15 +258,16 @@ class Worker:
         self._end(job, outcome)
 
     def _end(self, job: Active, outcome: str) -> None:
-        """Count the outcome and free the slot. The entry is acked only when the job ended:
-        a retried one stays pending, unrefreshed, for XAUTOCLAIM to pick up; a fenced one
-        may belong to another worker now, which acks it."""
+        """Count the outcome and free the slot. The entry is acked only when the job ended (by
+        the finish script itself when this worker finished it): a retried one stays pending,
+        unrefreshed, for XAUTOCLAIM to pick up; a fenced one may belong to another worker now,
+        which acks it."""
         self.active.pop(job.job_id, None)
         self._slot_freed.set()
         if outcome in self.counts:
             self.counts[outcome] += 1
             metrics.WORKER_JOBS.labels(self.model, outcome).inc()
-        if outcome not in ("retried", "fenced"):
+        if outcome not in ("retried", "fenced") and not job.acked:
             task = asyncio.create_task(self._ack(job))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -292,13 +294,13 @@ class Worker:
         off the time to first token); nothing is written before the script said this is attempt 1
         of a queued job with an empty log. Otherwise the engine's work is dropped and the job runs
         the ordinary way (cancelled while queued: skipped; a stray redelivery: resumed)."""
-        start = asyncio.ensure_future(self.store.start(job.job_id, self.name, self.settings.max_attempts))
+        start = asyncio.ensure_future(self.store.start(job.job_id, self.name, self.settings.max_attempts,
+                                                       with_spec=False))
 
         async def verdict() -> None:
-            started = await start
-            attempt, _, log_len, _ = started
+            attempt, status, log_len, _ = await start
             if attempt != 1 or log_len:
-                raise _NotFirst(started)
+                raise _NotFirst((attempt, status, log_len, spec if attempt else None))
             job.attempt, job.spec = attempt, spec
             await webhooks.notify(self.redis, self.settings, spec, JobStatus.running)
 
@@ -437,10 +439,12 @@ class Worker:
                     await self.store.emit(pipe, job.job_id, self.name, job.attempt, item.events)
                 elif item.finish:
                     status, event = item.finish
-                    await self.store.finish(job.job_id, status, event, worker=self.name,
-                                            attempt=job.attempt, expected_seq=event.seq, client=pipe)
+                    await self.store.finish(job.job_id, status, event, worker=self.name, attempt=job.attempt,
+                                            expected_seq=event.seq, client=pipe, entry=(job.stream, job.entry))
             results = await pipe.execute()
         for item, ok in zip(batches, results, strict=True):
+            if item.finish and ok:
+                item.job.acked = True
             if item.done is not None and not item.done.done():
                 item.done.set_result(bool(ok))
             elif not ok:
