@@ -41,14 +41,21 @@ class Serving:
         self.in_flight = 0
         self._workers: list[dict[str, Any]] = []
         self._workers_at = 0.0
+        self._workers_read: asyncio.Future[list[dict[str, Any]]] | None = None
 
     # ── models and workers ───────────────────────────────────────────────────
     async def live_workers(self, max_age: float = 0.0) -> list[dict[str, Any]]:
-        """Workers whose heartbeat is fresh; ``max_age`` > 0 allows a cached answer that old."""
-        now = time.time()
-        if max_age and now - self._workers_at < max_age:
+        """Workers whose heartbeat is fresh; ``max_age`` > 0 allows a cached answer that old.
+        Requests that find the cache stale together share one read."""
+        if max_age and time.time() - self._workers_at < max_age:
             return self._workers
+        if self._workers_read is None or self._workers_read.done():
+            self._workers_read = asyncio.ensure_future(self._read_workers())
+        return await asyncio.shield(self._workers_read)
+
+    async def _read_workers(self) -> list[dict[str, Any]]:
         beats = await self.redis.hgetall(self.keys.workers)
+        now = time.time()
         live = [orjson.loads(b) for b in beats.values()]
         self._workers = [w for w in live if now - w["last_seen"] < self.settings.heartbeat_ttl]
         self._workers_at = now
