@@ -45,7 +45,7 @@ bench: install model redis
 	$(PY) scripts/compare.py
 
 bench-overhead: install redis
-	$(PY) scripts/bench_overhead.py
+	$(PY) scripts/bench_overhead.py --json bench-results/overhead.json
 
 clean:
 	rm -rf $(VENV) .venv-vllm .pytest_cache .mypy_cache .ruff_cache

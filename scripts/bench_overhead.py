@@ -9,7 +9,7 @@
 2. relay    — output tokens/s that ONE API process relays across many concurrent streams.
 3. scaling  — throughput with 1, 2 and 4 workers on one queue.
 
-    python scripts/bench_overhead.py [--only latency relay scaling] [--json out.json]
+    python scripts/bench_overhead.py [--only latency relay scaling] [--json out.json]  (+ out.md: the tables)
 
 Needs a Redis at REDIS_URL (default redis://127.0.0.1:6379/0); uses its own key prefix.
 """
@@ -37,6 +37,12 @@ from worker.engines.base import GenerationRequest, SamplingParams
 from worker.engines.synthetic import SyntheticEngine
 
 MODEL = "smollm2-135m-instruct"
+REPORT: list[str] = []  # what say() printed: written as the .md beside --json
+
+
+def say(text: str) -> None:
+    print(text)
+    REPORT.append(text)
 
 
 async def engine_alone(rate: float, concurrency: int, requests: int, output_len: int) -> dict[str, Any]:
@@ -102,11 +108,11 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
         keys = [(m, p) for m in ("ttft", "itl") for p in ("p50", "p99")]
         added = {f"{m}_{p}_ms": system[f"{m}_ms"][p] - alone[f"{m}_ms"][p] for m, p in keys}
         queue_relay = {f"{m}_{p}_ms": system[f"{m}_ms"][p] - direct[f"{m}_ms"][p] for m, p in keys}
-        print(f"\n## Latency added (synthetic {rate:.0f} tok/s per stream, {conc} concurrent streams, {n} requests)")
-        print("| | engine in-process | engine behind HTTP | through the system | added by the system "
+        say(f"\n## Latency added (synthetic {rate:.0f} tok/s per stream, {conc} concurrent streams, {n} requests)")
+        say("| | engine in-process | engine behind HTTP | through the system | added by the system "
               "| added by queue + relay |\n|---|---|---|---|---|---|")
         for m, p in keys:
-            print(f"| {m.upper()} {p} (ms) | {alone[f'{m}_ms'][p]:.2f} | {direct[f'{m}_ms'][p]:.2f} | "
+            say(f"| {m.upper()} {p} (ms) | {alone[f'{m}_ms'][p]:.2f} | {direct[f'{m}_ms'][p]:.2f} | "
                   f"{system[f'{m}_ms'][p]:.2f} | {added[f'{m}_{p}_ms']:+.2f} | {queue_relay[f'{m}_{p}_ms']:+.2f} |")
         report[f"concurrency_{conc}"] = {"engine_alone": alone, "engine_http": direct, "system": system,
                                          "added": added, "added_by_queue_relay": queue_relay}
@@ -169,11 +175,11 @@ def relay(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         s.stop()
     per_cpu = system["total_output_tokens"] / api_cpu
-    print(f"\n## Relay: one API process, {conc} concurrent streams, {workers} synthetic workers at full speed")
-    print(f"output tokens/s relayed: {system['output_throughput']:.0f}  (completed {system['completed']}, "
+    say(f"\n## Relay: one API process, {conc} concurrent streams, {workers} synthetic workers at full speed")
+    say(f"output tokens/s relayed: {system['output_throughput']:.0f}  (completed {system['completed']}, "
           f"errors {system['errors']}); the API used {api_cpu:.1f} CPU-s for {system['total_output_tokens']} "
           f"tokens = {per_cpu:.0f} tokens per API CPU-second")
-    print(f"with a lean load generator (raw HTTP, no JSON parsing): {lean['output_throughput']:.0f} tokens/s, "
+    say(f"with a lean load generator (raw HTTP, no JSON parsing): {lean['output_throughput']:.0f} tokens/s, "
           f"{lean['incomplete']} incomplete responses")
     return {"streams": conc, "workers": workers, "output_tokens_per_s": system["output_throughput"],
             "errors": system["errors"], "api_cpu_s": api_cpu, "tokens_per_api_cpu_s": per_cpu, "lean": lean}
@@ -188,10 +194,10 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             s.stop()
         results[workers] = metrics["output_throughput"]
-    print("\n## Scaling: synthetic workers (8 slots x 25 tok/s each), 32 concurrent streams")
-    print("| workers | output tok/s | vs 1 worker |\n|---|---|---|")
+    say("\n## Scaling: synthetic workers (8 slots x 25 tok/s each), 32 concurrent streams")
+    say("| workers | output tok/s | vs 1 worker |\n|---|---|---|")
     for workers, tps in results.items():
-        print(f"| {workers} | {tps:.0f} | {tps / results[1]:.2f}x |")
+        say(f"| {workers} | {tps:.0f} | {tps / results[1]:.2f}x |")
     return {"output_tokens_per_s": results, "speedup_4": results[4] / results[1]}
 
 
@@ -207,6 +213,7 @@ def main() -> None:
     report = {name: parts[name](args) for name in args.only}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+        args.json.with_suffix(".md").write_text("\n".join(REPORT).lstrip() + "\n")
 
 
 if __name__ == "__main__":
