@@ -110,10 +110,10 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
         queue_relay = {f"{m}_{p}_ms": system[f"{m}_ms"][p] - direct[f"{m}_ms"][p] for m, p in keys}
         say(f"\n## Latency added (synthetic {rate:.0f} tok/s per stream, {conc} concurrent streams, {n} requests)")
         say("| | engine in-process | engine behind HTTP | through the system | added by the system "
-              "| added by queue + relay |\n|---|---|---|---|---|---|")
+            "| added by queue + relay |\n|---|---|---|---|---|---|")
         for m, p in keys:
             say(f"| {m.upper()} {p} (ms) | {alone[f'{m}_ms'][p]:.2f} | {direct[f'{m}_ms'][p]:.2f} | "
-                  f"{system[f'{m}_ms'][p]:.2f} | {added[f'{m}_{p}_ms']:+.2f} | {queue_relay[f'{m}_{p}_ms']:+.2f} |")
+                f"{system[f'{m}_ms'][p]:.2f} | {added[f'{m}_{p}_ms']:+.2f} | {queue_relay[f'{m}_{p}_ms']:+.2f} |")
         report[f"concurrency_{conc}"] = {"engine_alone": alone, "engine_http": direct, "system": system,
                                          "added": added, "added_by_queue_relay": queue_relay}
     return report
@@ -177,10 +177,10 @@ def relay(args: argparse.Namespace) -> dict[str, Any]:
     per_cpu = system["total_output_tokens"] / api_cpu
     say(f"\n## Relay: one API process, {conc} concurrent streams, {workers} synthetic workers at full speed")
     say(f"output tokens/s relayed: {system['output_throughput']:.0f}  (completed {system['completed']}, "
-          f"errors {system['errors']}); the API used {api_cpu:.1f} CPU-s for {system['total_output_tokens']} "
-          f"tokens = {per_cpu:.0f} tokens per API CPU-second")
+        f"errors {system['errors']}); the API used {api_cpu:.1f} CPU-s for {system['total_output_tokens']} "
+        f"tokens = {per_cpu:.0f} tokens per API CPU-second")
     say(f"with a lean load generator (raw HTTP, no JSON parsing): {lean['output_throughput']:.0f} tokens/s, "
-          f"{lean['incomplete']} incomplete responses")
+        f"{lean['incomplete']} incomplete responses")
     return {"streams": conc, "workers": workers, "output_tokens_per_s": system["output_throughput"],
             "errors": system["errors"], "api_cpu_s": api_cpu, "tokens_per_api_cpu_s": per_cpu, "lean": lean}
 

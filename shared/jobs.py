@@ -82,6 +82,15 @@ class Entry(NamedTuple):
     spec: bytes | None = None
 
 
+class Started(NamedTuple):
+    """The start script's verdict: ``attempt`` 0 = do not run (``status`` says why)."""
+
+    attempt: int
+    status: str
+    log_len: int  # events already logged
+    spec: JobSpec | None  # None unless the attempt may run and the spec was asked for
+
+
 def new_job_id() -> str:
     return "job-" + secrets.token_urlsafe(18)  # 144 random bits: unguessable
 
@@ -311,15 +320,14 @@ class JobStore:
                 for stream, entry, job_id, spec in reply]
 
     async def start(self, job_id: str, worker: str, max_attempts: int,
-                    with_spec: bool = True) -> tuple[int, str, int, JobSpec | None]:
-        """Take the job for one attempt: (attempt, status, events already logged, spec); the spec
-        is None unless the attempt may run and ``with_spec``."""
+                    with_spec: bool = True) -> Started:
+        """Take the job for one attempt."""
         attempt, status, log_len, *spec = await self._start(
             keys=[self.keys.job(job_id), self.keys.log(job_id)],
             args=[worker, time.time(), max_attempts, "1" if with_spec else "0"],
         )
         status = status.decode() if isinstance(status, bytes) else status
-        return int(attempt), status, int(log_len), JobSpec.model_validate_json(spec[0]) if spec else None
+        return Started(int(attempt), status, int(log_len), JobSpec.model_validate_json(spec[0]) if spec else None)
 
     async def emit(self, pipe: Any, job_id: str, worker: str, attempt: int, events: list[Event]) -> None:
         """Queue a fenced append of ``events`` on ``pipe`` (one engine step, pipelined)."""

@@ -30,7 +30,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from shared import metrics, redisconn, webhooks
 from shared.events import Event
-from shared.jobs import REDIS_DOWN, Entry, JobSpec, JobStatus, JobStore, ensure_group, lanes
+from shared.jobs import REDIS_DOWN, Entry, JobSpec, JobStatus, JobStore, Started, ensure_group, lanes
 from shared.keys import GROUP, Keys
 from shared.settings import Settings
 from worker.engines.base import Engine, EngineRequestError, GenerationRequest, SamplingParams
@@ -52,13 +52,16 @@ class Active:
     spec: JobSpec | None = None
     why_stopped: str = ""  # "cancel" | "handback" | "fenced"
     first_spec: bytes | None = None  # the spec carried by the job's first stream entry
-    acked: bool = False  # the finish script acked the entry
+
+
+# Outcomes that only a finish script that succeeded gives: it acked and deleted the entry itself.
+_ACKED_BY_FINISH = ("succeeded", "failed")
 
 
 class _NotFirst(Exception):
     """The start script says this is no first attempt after all: run the job the ordinary way."""
 
-    def __init__(self, started: tuple[int, str, int, JobSpec | None]):
+    def __init__(self, started: Started):
         self.started = started
 
 
@@ -267,7 +270,7 @@ class Worker:
         if outcome in self.counts:
             self.counts[outcome] += 1
             metrics.WORKER_JOBS.labels(self.model, outcome).inc()
-        if outcome not in ("retried", "fenced") and not job.acked:
+        if outcome not in ("retried", "fenced", *_ACKED_BY_FINISH):
             task = asyncio.create_task(self._ack(job))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -298,10 +301,10 @@ class Worker:
                                                        with_spec=False))
 
         async def verdict() -> None:
-            attempt, status, log_len, _ = await start
-            if attempt != 1 or log_len:
-                raise _NotFirst((attempt, status, log_len, spec if attempt else None))
-            job.attempt, job.spec = attempt, spec
+            started = await start
+            if started.attempt != 1 or started.log_len:
+                raise _NotFirst(started._replace(spec=spec if started.attempt else None))
+            job.attempt, job.spec = started.attempt, spec
             await webhooks.notify(self.redis, self.settings, spec, JobStatus.running)
 
         try:
@@ -313,7 +316,7 @@ class Worker:
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(start)
 
-    async def _run_started(self, job: Active, started: tuple[int, str, int, JobSpec | None]) -> str:
+    async def _run_started(self, job: Active, started: Started) -> str:
         attempt, status, log_len, spec = started
         if attempt == 0 or spec is None:
             if status == "exhausted":
@@ -443,8 +446,6 @@ class Worker:
                                             expected_seq=event.seq, client=pipe, entry=(job.stream, job.entry))
             results = await pipe.execute()
         for item, ok in zip(batches, results, strict=True):
-            if item.finish and ok:
-                item.job.acked = True
             if item.done is not None and not item.done.done():
                 item.done.set_result(bool(ok))
             elif not ok:
